@@ -1,0 +1,486 @@
+"""The asyncio smart client: cluster map cache, split by node, one request per node, merge.
+
+Read path, per `get`:
+1. check ids (uint64, 1-D, within limits) and the table's schema from the cached map;
+2. dedupe the ids, hash them to partitions, choose one replica per partition (least
+   in-flight requests first), group by node;
+3. send one request per node, all at once, over each node's shared stream;
+4. on a routing error refresh the map and resend only the affected group; on an
+   unavailable node back off and retry until the deadline;
+5. merge the per-node rows into one float32 matrix in the caller's order (numpy only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvclient._batch import KeyStatus, NodeGroup, VectorMerge, choose_replicas, dedupe, group_by_node
+from kvclient._clustermap import ClusterView
+from kvclient._codec import (
+    NUMPY_DTYPES,
+    IdArray,
+    as_ids,
+    check_dim,
+    check_table_name,
+    check_vectors,
+    default_row,
+    dtype_code,
+    pack_ids,
+    pack_records,
+    unpack_record,
+)
+from kvclient._connection import NodeConnection, Transport, error_from_rpc
+from kvclient._errors import (
+    ClientError,
+    DeadlineExceededError,
+    KvError,
+    RoutingError,
+    UnavailableError,
+    UnknownTableError,
+)
+from kvclient._proto import kvstore_pb2 as pb
+from kvclient._results import FeaturesResult, GetResult, TableInfo
+
+log = logging.getLogger(__name__)
+
+BuildRequest = Callable[[npt.NDArray[np.intp], int], pb.DataRequest]
+"""Builds one node's request from positions into the batch's ids and the map epoch."""
+_Answer = tuple[npt.NDArray[np.intp], pb.DataResponse]
+_Failure = tuple[npt.NDArray[np.intp], KvError]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a call tries before it gives up (always within its deadline)."""
+
+    max_attempts: int = 6
+    backoff_s: float = 0.02
+    max_backoff_s: float = 0.5
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ClientError(f"max_attempts: {self.max_attempts} must be >= 1", field="max_attempts")
+
+    def delay_s(self, attempt: int) -> float:
+        return float(min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+def _parse_seeds(seeds: Sequence[str] | str) -> list[str]:
+    items = [seeds] if isinstance(seeds, str) else list(seeds)
+    out = [s.strip() for item in items for s in item.split(",") if s.strip()]
+    if not out:
+        raise ClientError("seeds: give at least one 'host:port'", field="seeds")
+    return out
+
+
+class AsyncClient:
+    """Talks to a kvstore cluster from one asyncio event loop.
+
+    Use as `async with AsyncClient(["127.0.0.1:7000"]) as kv: ...`. Not thread-safe; for
+    threads use `Client`, which runs one of these on its own loop.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[str] | str,
+        *,
+        deadline_s: float = 5.0,
+        transport: Transport = "stream",
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._seeds = _parse_seeds(seeds)
+        self.deadline_s = deadline_s
+        self._transport: Transport = transport
+        self._retry = retry or RetryPolicy()
+        self._retry.validate()
+        self._view: ClusterView | None = None
+        self._conns: dict[str, NodeConnection] = {}
+        self._refreshing: asyncio.Task[ClusterView] | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Fetch the cluster map; raises `UnavailableError` if no seed answers."""
+        await self.refresh_map()
+
+    async def close(self) -> None:
+        """Close every connection."""
+        conns, self._conns = list(self._conns.values()), {}
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+    # ---- cluster map ----
+
+    @property
+    def view(self) -> ClusterView:
+        if self._view is None:
+            raise ClientError("client is not connected; use 'async with' or connect()")
+        return self._view
+
+    async def refresh_map(self) -> ClusterView:
+        """Fetch the newest cluster map from any reachable node (one fetch at a time)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._fetch_map())
+        return await asyncio.shield(self._refreshing)
+
+    async def _fetch_map(self) -> ClusterView:
+        last: Exception | None = None
+        for node_id, address in self._map_sources():
+            conn = self._connection(node_id, address)
+            try:
+                cmap = await conn.admin.GetClusterMap(pb.GetClusterMapRequest(), timeout=2.0)
+            except Exception as exc:  # any failure: try the next source
+                last = exc
+                continue
+            if cmap.epoch == 0:
+                last = UnavailableError(f"node {conn.label} has no cluster map yet")
+                continue
+            return self._install(cmap)
+        raise UnavailableError(f"no node answered for the cluster map (tried {self._map_sources()}): {last}")
+
+    def _map_sources(self) -> list[tuple[str, str]]:
+        known = [(n, a) for n, a in self._view.addresses.items()] if self._view else []
+        seeds = [(f"seed:{s}", s) for s in self._seeds]
+        return known + [s for s in seeds if s[1] not in {a for _, a in known}]
+
+    def _install(self, cmap: pb.ClusterMap) -> ClusterView:
+        if self._view is None or cmap.epoch > self._view.epoch:
+            self._view = ClusterView.from_proto(cmap)
+            log.debug("cluster map installed epoch=%d", cmap.epoch)
+        return self._view
+
+    def _connection(self, node_id: str, address: str) -> NodeConnection:
+        conn = self._conns.get(node_id)
+        if conn is None or conn.address != address:
+            if conn is not None:
+                asyncio.get_running_loop().create_task(conn.close())
+            conn = NodeConnection(node_id, address, self._transport)
+            self._conns[node_id] = conn
+        return conn
+
+    def _note_epoch(self, epoch: int) -> None:
+        if self._view is not None and epoch > self._view.epoch:
+            asyncio.get_running_loop().create_task(self._quiet_refresh())
+
+    async def _quiet_refresh(self) -> None:
+        try:
+            await self.refresh_map()
+        except KvError as exc:
+            log.debug("background map refresh failed: %s", exc)
+
+    # ---- tables ----
+
+    async def create_table(
+        self,
+        name: str,
+        *,
+        dim: int | None = None,
+        dtype: str = "float32",
+        kind: str = "embedding",
+        default: Any = None,
+        allow_nonfinite: bool = False,
+        if_not_exists: bool = False,
+    ) -> TableInfo:
+        """Create a table; raises `ClientError` for a bad schema or an existing name.
+
+        `default` is what a missing key returns: None or "zeros" (zeros), "nan", or a
+        vector of `dim` floats.
+        """
+        schema = _schema_from_args(name, dim, dtype, kind, default, allow_nonfinite)
+        req = pb.CreateTableRequest(schema=schema, if_not_exists=if_not_exists)
+        await self._admin(lambda c: c.admin.CreateTable(req, timeout=self.deadline_s))
+        return TableInfo.from_proto(self.view.table(name))
+
+    async def drop_table(self, name: str) -> None:
+        """Drop a table and its data; raises `UnknownTableError` if it does not exist."""
+        req = pb.DropTableRequest(name=check_table_name(name))
+        await self._admin(lambda c: c.admin.DropTable(req, timeout=self.deadline_s))
+
+    async def list_tables(self) -> list[TableInfo]:
+        """Return every table in the newest cluster map."""
+        view = await self.refresh_map()
+        return [TableInfo.from_proto(t) for t in view.tables.values()]
+
+    async def node_stats(self) -> list[pb.NodeStats | KvError]:
+        """Return each node's statistics (or the error reaching it), in map order."""
+        view = await self.refresh_map()
+
+        async def one(node_id: str) -> pb.NodeStats | KvError:
+            conn = self._connection(node_id, view.addresses[node_id])
+            try:
+                stats: pb.NodeStats = await conn.admin.GetNodeStats(pb.NodeStatsRequest(), timeout=2.0)
+                return stats
+            except Exception as exc:
+                return UnavailableError(f"node {conn.label}: {exc}")
+
+        return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
+
+    async def _admin(self, call: Callable[[NodeConnection], Awaitable[pb.ClusterMap]]) -> None:
+        """Run a metadata change on the metadata node, falling back to any other node."""
+        view = self.view if self._view else await self.refresh_map()
+        order = sorted(view.node_ids, key=lambda n: n != view.proto.meta_node_id)
+        last: KvError | None = None
+        for node_id in order:
+            conn = self._connection(node_id, view.addresses[node_id])
+            try:
+                self._install(await call(conn))
+                return
+            except Exception as exc:
+                err = error_from_rpc(exc, conn.label) if hasattr(exc, "trailing_metadata") else exc
+                if isinstance(err, ClientError):
+                    raise err from None
+                last = err if isinstance(err, KvError) else UnavailableError(str(err))
+        raise last or UnavailableError("no node available for a metadata change")
+
+    async def _schema(self, name: str, kind: int | None) -> pb.TableSchema:
+        """Return the schema of `name`, refreshing the map once if it is unknown; check its kind."""
+        check_table_name(name)
+        view = self.view if self._view else await self.refresh_map()
+        if name not in view.tables:
+            view = await self.refresh_map()
+        schema = view.table(name)
+        if kind is not None and schema.kind != kind:
+            wanted = "get/put" if schema.kind == pb.EMBEDDING else "get_features/put_features"
+            raise ClientError(
+                f"table {name!r} is a {TableInfo.from_proto(schema).kind} table; use {wanted}",
+                field="table",
+            )
+        return schema
+
+    # ---- data ----
+
+    async def get(self, table: str, ids: Any, *, deadline_s: float | None = None, partial: bool = False) -> GetResult:
+        """Return the embeddings of `ids` in their order (duplicates allowed).
+
+        Missing keys get the table default and `found=False`. With `partial=True`, keys whose
+        node failed by the deadline get status ERROR instead of failing the call. Raises
+        `ClientError` for bad input, `UnavailableError` / `DeadlineExceededError` otherwise.
+        """
+        id_arr = as_ids(ids)
+        schema = await self._schema(table, pb.EMBEDDING)
+        uniq = dedupe(id_arr)
+        merge = VectorMerge(len(uniq.ids), default_row(schema))
+
+        def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
+            return pb.DataRequest(get=pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch))
+
+        answers = await self._scatter(table, uniq.ids, build, deadline_s, write=False, partial=partial)
+        for positions, resp in answers:
+            found = np.frombuffer(resp.get.found, dtype=np.bool_)
+            rows = np.frombuffer(resp.get.values, dtype=NUMPY_DTYPES[resp.get.dtype])
+            merge.add(positions, found, rows.reshape(-1, schema.dim))
+        values, status = merge.result(uniq.inverse)
+        return GetResult(values=values, found=status == KeyStatus.FOUND, status=status)
+
+    async def put(self, table: str, ids: Any, vectors: Any, *, deadline_s: float | None = None) -> int:
+        """Store one vector per id (a later duplicate id wins); return the count written.
+
+        Raises `ClientError` before sending anything if any id or vector is invalid.
+        """
+        id_arr = as_ids(ids)
+        schema = await self._schema(table, pb.EMBEDDING)
+        rows = check_vectors(schema, vectors, len(id_arr))
+        wire_dtype = schema.dtype
+
+        def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
+            return pb.DataRequest(
+                put=pb.PutRequest(
+                    table=table, ids=pack_ids(id_arr[pos]), values=rows[pos].tobytes(),
+                    dtype=wire_dtype, epoch=epoch,
+                )
+            )
+
+        return await self._write(table, id_arr, build, deadline_s)
+
+    async def put_features(
+        self, table: str, ids: Any, records: Sequence[Mapping[str, Any]], *, deadline_s: float | None = None
+    ) -> int:
+        """Store one feature record (a msgpack-able mapping) per id; return the count written."""
+        id_arr = as_ids(ids)
+        await self._schema(table, pb.FEATURES)
+        packed = pack_records(records, len(id_arr))
+
+        def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
+            return pb.DataRequest(
+                put=pb.PutRequest(
+                    table=table, ids=pack_ids(id_arr[pos]), records=[packed[i] for i in pos], epoch=epoch
+                )
+            )
+
+        return await self._write(table, id_arr, build, deadline_s)
+
+    async def get_features(
+        self, table: str, ids: Any, *, deadline_s: float | None = None, partial: bool = False
+    ) -> FeaturesResult:
+        """Return the feature records of `ids` in their order; None where missing."""
+        id_arr = as_ids(ids)
+        await self._schema(table, pb.FEATURES)
+        uniq = dedupe(id_arr)
+
+        def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
+            return pb.DataRequest(get=pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch))
+
+        answers = await self._scatter(table, uniq.ids, build, deadline_s, write=False, partial=partial)
+        records: list[dict[str, Any] | None] = [None] * len(uniq.ids)
+        status = np.full(len(uniq.ids), KeyStatus.ERROR, dtype=np.uint8)
+        for positions, resp in answers:
+            found = np.frombuffer(resp.get.found, dtype=np.bool_)
+            status[positions] = np.where(found, KeyStatus.FOUND, KeyStatus.MISSING)
+            for pos, raw in zip(positions[found], resp.get.records, strict=True):
+                records[pos] = unpack_record(raw)
+        out_status = status[uniq.inverse]
+        return FeaturesResult(
+            records=[records[i] for i in uniq.inverse],
+            found=out_status == KeyStatus.FOUND,
+            status=out_status,
+        )
+
+    async def delete(self, table: str, ids: Any, *, deadline_s: float | None = None) -> int:
+        """Delete `ids` from `table` (absent ids are fine); return the number of ids sent."""
+        id_arr = as_ids(ids)
+        await self._schema(table, None)
+
+        def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
+            return pb.DataRequest(delete=pb.DeleteRequest(table=table, ids=pack_ids(id_arr[pos]), epoch=epoch))
+
+        return await self._write(table, id_arr, build, deadline_s)
+
+    async def _write(self, table: str, ids: IdArray, build: BuildRequest, deadline_s: float | None) -> int:
+        answers = await self._scatter(table, ids, build, deadline_s, write=True, partial=False)
+        return sum(int(r.put.written if r.HasField("put") else r.delete.deleted) for _, r in answers)
+
+    async def _scatter(
+        self,
+        table: str,
+        ids: IdArray,
+        build: BuildRequest,
+        deadline_s: float | None,
+        *,
+        write: bool,
+        partial: bool,
+    ) -> list[_Answer]:
+        """Send each node its share of `ids`, retrying what can be retried; see module doc."""
+        deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        todo = np.arange(len(ids), dtype=np.intp)
+        answers: list[_Answer] = []
+        for attempt in range(self._retry.max_attempts):
+            view = self.view
+            groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, write))
+            outcomes = await asyncio.gather(
+                *(self._send(view, g, build, deadline) for g in groups),
+                return_exceptions=True,
+            )
+            retry, failures = self._sort_outcomes(groups, outcomes, answers)
+            if not retry:
+                break
+            last_attempt = attempt + 1 == self._retry.max_attempts
+            if last_attempt or time.monotonic() >= deadline:
+                failures.extend(retry)
+                break
+            await self._recover(retry, deadline, attempt)
+            todo = np.concatenate([pos for pos, _ in retry])
+        else:
+            failures = []
+        if failures and not partial:
+            raise _worst(failures)
+        return answers
+
+    def _routes(self, view: ClusterView, write: bool) -> npt.NDArray[np.intp]:
+        if write:
+            return view.replica_index[:, 0]
+        cost = np.array(
+            [self._conns[n].inflight if n in self._conns else 0 for n in view.node_ids], dtype=np.float64
+        )
+        return choose_replicas(view.replica_index, cost)
+
+    async def _send(self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float) -> pb.DataResponse:
+        node_id = view.node_ids[group.node]
+        conn = self._connection(node_id, view.addresses[node_id])
+        resp = await conn.request(build(group.positions, view.epoch), deadline - time.monotonic())
+        field = resp.WhichOneof("result")
+        self._note_epoch(int(getattr(resp, field).epoch) if field else 0)
+        return resp
+
+    @staticmethod
+    def _sort_outcomes(
+        groups: list[NodeGroup], outcomes: list[pb.DataResponse | BaseException], answers: list[_Answer]
+    ) -> tuple[list[_Failure], list[_Failure]]:
+        retry: list[_Failure] = []
+        failures: list[_Failure] = []
+        for group, out in zip(groups, outcomes, strict=True):
+            if isinstance(out, pb.DataResponse):
+                answers.append((group.positions, out))
+            elif isinstance(out, ClientError):
+                raise out
+            elif isinstance(out, RoutingError | UnavailableError):
+                retry.append((group.positions, out))
+            elif isinstance(out, KvError):
+                failures.append((group.positions, out))
+            else:
+                raise out
+        return retry, failures
+
+    async def _recover(self, retry: list[_Failure], deadline: float, attempt: int) -> None:
+        if any(isinstance(err, UnavailableError) for _, err in retry):
+            await asyncio.sleep(max(0.0, min(self._retry.delay_s(attempt), deadline - time.monotonic())))
+        try:
+            await asyncio.wait_for(self.refresh_map(), max(0.001, deadline - time.monotonic()))
+        except (KvError, TimeoutError) as exc:
+            log.debug("map refresh during retry failed: %s", exc)
+
+
+def _worst(failures: list[_Failure]) -> KvError:
+    """Pick the error to raise: unavailability names the node, over a bare deadline."""
+    errors = [err for _, err in failures]
+    for cls in (UnavailableError, DeadlineExceededError, RoutingError):
+        for err in errors:
+            if isinstance(err, cls):
+                return err
+    return errors[0]
+
+
+def _schema_from_args(
+    name: str, dim: int | None, dtype: str, kind: str, default: Any, allow_nonfinite: bool
+) -> pb.TableSchema:
+    check_table_name(name)
+    if kind == "features":
+        if dim is not None or default is not None:
+            raise ClientError("features tables take no dim or default", field="dim")
+        return pb.TableSchema(name=name, kind=pb.FEATURES)
+    if kind != "embedding":
+        raise ClientError(f"kind: {kind!r} is not 'embedding' or 'features'", field="kind")
+    if dim is None:
+        raise ClientError("dim: an embedding table needs a dim", field="dim")
+    schema = pb.TableSchema(
+        name=name, kind=pb.EMBEDDING, dim=check_dim(dim), dtype=dtype_code(dtype),
+        allow_nonfinite=allow_nonfinite,
+    )
+    schema.default_vector = _default_bytes(default, schema.dim)
+    return schema
+
+
+def _default_bytes(default: Any, dim: int) -> bytes:
+    if default is None or (isinstance(default, str) and default == "zeros"):
+        return b""
+    if isinstance(default, str) and default == "nan":
+        return np.full(dim, np.nan, dtype="<f4").tobytes()
+    if isinstance(default, str):
+        raise ClientError(f"default: {default!r} is not 'zeros', 'nan' or a vector", field="default")
+    row = np.asarray(default, dtype=np.float64)
+    if row.shape != (dim,):
+        raise ClientError(f"default: shape {row.shape} != ({dim},)", field="default")
+    return row.astype("<f4").tobytes()
+
+

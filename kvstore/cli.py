@@ -1,0 +1,287 @@
+"""`kvstore` command line: node, local cluster, status, tables, load, get, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from kvclient import Client, ClientError, KvError
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.config import NodeConfig, parse_bytes
+from kvstore.launcher import ClusterError, LocalCluster, seeds_from_dir
+
+DEFAULT_DIR = ".kvstore"
+console = Console()
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", help="comma-separated host:port list (default: $KVSTORE_SEEDS, else --dir)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"local cluster folder (default {DEFAULT_DIR})")
+
+
+def _seeds(args: argparse.Namespace) -> list[str]:
+    text = args.seeds or os.environ.get("KVSTORE_SEEDS", "")
+    seeds = [s for s in text.split(",") if s] or seeds_from_dir(args.dir)
+    if not seeds:
+        raise ClusterError(f"no cluster to talk to: pass --seeds host:port, set KVSTORE_SEEDS, or start one with 'kvstore cluster up --dir {args.dir}'")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="Distributed embedding and feature store")
+    parser.add_argument("--log-level", default=os.environ.get("KVSTORE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one storage node in the foreground")
+    node.add_argument("--node-id", required=True)
+    node.add_argument("--dir", required=True, help="data folder of this node")
+    node.add_argument("--host", default="127.0.0.1")
+    node.add_argument("--port", type=int, default=0, help="0: the last port used, else one from the OS")
+    node.add_argument("--cache-bytes", default="256MiB", help="in-memory row cache budget")
+    node.add_argument("--block-cache-bytes", default="256MiB", help="RocksDB block cache")
+
+    cluster = sub.add_parser("cluster", help="start or stop a local cluster")
+    csub = cluster.add_subparsers(dest="action", required=True)
+    up = csub.add_parser("up", help="start N nodes on 127.0.0.1")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--dir", default=DEFAULT_DIR)
+    up.add_argument("--partitions", type=int, default=64)
+    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--cache-bytes", default="256MiB")
+    up.add_argument("--detach", action="store_true", help="return once the cluster serves")
+    down = csub.add_parser("down", help="stop the local cluster")
+    down.add_argument("--dir", default=DEFAULT_DIR)
+
+    status = sub.add_parser("status", help="nodes, partitions and tables")
+    _add_target(status)
+    status.add_argument("--json", action="store_true")
+
+    table = sub.add_parser("table", help="create, list or drop tables")
+    tsub = table.add_subparsers(dest="action", required=True)
+    create = tsub.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--kind", choices=["embedding", "features"], default="embedding")
+    create.add_argument("--dim", type=int)
+    create.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    create.add_argument("--default", choices=["zeros", "nan"], default=None)
+    create.add_argument("--allow-nonfinite", action="store_true")
+    create.add_argument("--if-not-exists", action="store_true")
+    _add_target(create)
+    tlist = tsub.add_parser("list")
+    tlist.add_argument("--json", action="store_true")
+    _add_target(tlist)
+    drop = tsub.add_parser("drop")
+    drop.add_argument("name")
+    _add_target(drop)
+
+    load = sub.add_parser("load", help="load ids and vectors from .npy files")
+    load.add_argument("table")
+    load.add_argument("--ids", required=True, help=".npy of K integer ids")
+    load.add_argument("--vectors", required=True, help=".npy of K x dim floats")
+    load.add_argument("--batch-size", type=int, default=10_000)
+    _add_target(load)
+
+    get = sub.add_parser("get", help="print the rows of some ids")
+    get.add_argument("table")
+    get.add_argument("ids", nargs="+", type=int)
+    get.add_argument("--json", action="store_true")
+    _add_target(get)
+
+    demo = sub.add_parser("demo", help="start a cluster, load, time lookups, stop")
+    demo.add_argument("--dir", default=None, help="cluster folder (default: a temporary one)")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--keys", type=int, default=100_000)
+    demo.add_argument("--dim", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=1000)
+    demo.add_argument("--seconds", type=float, default=5.0)
+    demo.add_argument("--transport", choices=["stream", "unary"], default="stream")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except (ClusterError, ClientError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    except KvError as err:
+        console.print(f"[red]error:[/red] {type(err).__name__}: {err}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from kvstore.node import serve
+
+    config = NodeConfig(
+        node_id=args.node_id, data_dir=os.path.abspath(args.dir), host=args.host, port=args.port,
+        cache_bytes=parse_bytes(args.cache_bytes), block_cache_bytes=parse_bytes(args.block_cache_bytes),
+    ).validate()
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    cluster = LocalCluster.open(args.dir)
+    if args.action == "down":
+        stopped = cluster.down()
+        console.print(f"stopped {len(stopped)} node(s) in {cluster.root}" if stopped else f"no running nodes in {cluster.root}")
+        return 0
+    parse_bytes(args.cache_bytes)
+    seeds = cluster.up(args.nodes, partitions=args.partitions, replicas=args.replicas, cache_bytes=args.cache_bytes)
+    console.print(f"cluster of {len(seeds)} node(s) serving; connect with seeds: [bold]{','.join(seeds)}[/bold]")
+    console.print(f"data and logs: {cluster.root}")
+    if args.detach:
+        console.print(f"stop with: kvstore cluster down --dir {args.dir}")
+        return 0
+    console.print("press Ctrl-C to stop")
+    try:
+        while cluster.running():
+            time.sleep(0.5)
+        console.print("[red]every node exited[/red]; see the logs in the folder")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.down()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(_seeds(args)) as kv:
+        view = kv.refresh_map()
+        stats = kv.node_stats()
+    doc = _status_doc(view.proto, stats)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    console.print(f"cluster [bold]{doc['cluster_id']}[/bold]  epoch {doc['epoch']}  partitions {doc['partitions']}  replicas {doc['replicas']}")
+    nodes = Table("node", "address", "state", "partitions", "cache", "hit rate", "disk", "requests")
+    for n in doc["nodes"]:
+        nodes.add_row(n["node_id"] + (" (meta)" if n["meta"] else ""), n["address"], n["state"], str(n["partitions"]),
+                      f"{_mib(n.get('cache_bytes', 0))} / {_mib(n.get('cache_budget_bytes', 0))}",
+                      f"{n['hit_rate']:.0%}" if n.get("hit_rate") is not None else "-", _mib(n.get("disk_bytes", 0)),
+                      str(n.get("requests", "-")))
+    console.print(nodes)
+    _print_tables(doc["tables"])
+    return 0
+
+
+def _status_doc(cmap: Any, stats: list[Any]) -> dict[str, Any]:
+    nodes = []
+    for info, st in zip(cmap.nodes, stats, strict=True):
+        row: dict[str, Any] = {"node_id": info.node_id, "address": info.address, "meta": info.node_id == cmap.meta_node_id,
+                               "partitions": sum(info.node_id in p.node_ids for p in cmap.placement)}
+        if isinstance(st, Exception):
+            row.update(state="down", error=str(st))
+        else:
+            reads = st.cache_hits + st.cache_misses
+            row.update(state="up", epoch=st.epoch, cache_bytes=st.cache_bytes, cache_budget_bytes=st.cache_budget_bytes,
+                       hit_rate=(st.cache_hits / reads) if reads else None, disk_bytes=st.disk_bytes,
+                       requests=st.requests, keys_read=st.keys_read, keys_written=st.keys_written, uptime_s=round(st.uptime_s, 1))
+        nodes.append(row)
+    tables = [_table_doc(t) for t in cmap.tables]
+    return {"cluster_id": cmap.cluster_id, "epoch": cmap.epoch, "partitions": cmap.partitions, "replicas": cmap.replicas,
+            "meta_node_id": cmap.meta_node_id, "nodes": nodes, "tables": tables}
+
+
+def _table_doc(schema: Any) -> dict[str, Any]:
+    from kvclient import TableInfo
+
+    info = TableInfo.from_proto(schema)
+    return {"name": info.name, "kind": info.kind, "dim": info.dim, "dtype": info.dtype,
+            "default": "zeros" if info.default is None else ("nan" if np.isnan(info.default).all() else "vector"),
+            "allow_nonfinite": info.allow_nonfinite}
+
+
+def _print_tables(tables: list[dict[str, Any]]) -> None:
+    out = Table("table", "kind", "dim", "dtype", "default")
+    for t in tables:
+        out.add_row(t["name"], t["kind"], str(t["dim"] or "-"), t["dtype"] or "-", t["default"])
+    console.print(out if tables else "no tables")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    with Client(_seeds(args)) as kv:
+        if args.action == "create":
+            kv.create_table(args.name, dim=args.dim, dtype=args.dtype, kind=args.kind, default=args.default,
+                            allow_nonfinite=args.allow_nonfinite, if_not_exists=args.if_not_exists)
+            console.print(f"table {args.name!r} created")
+        elif args.action == "drop":
+            kv.drop_table(args.name)
+            console.print(f"table {args.name!r} dropped")
+        else:
+            docs = [_table_doc(t) for t in kv.refresh_map().proto.tables]
+            if args.json:
+                print(json.dumps(docs, indent=1))
+            else:
+                _print_tables(docs)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    ids = np.load(args.ids, mmap_mode="r")
+    vectors = np.load(args.vectors, mmap_mode="r")
+    if len(ids) != len(vectors):
+        raise ClientError(f"--ids has {len(ids)} rows but --vectors has {len(vectors)}; counts must match")
+    if args.batch_size < 1:
+        raise ClientError(f"--batch-size {args.batch_size} must be >= 1")
+    with Client(_seeds(args), deadline_s=30.0) as kv, tqdm(total=len(ids), unit="key", unit_scale=True) as bar:
+        for start in range(0, len(ids), args.batch_size):
+            stop = start + args.batch_size
+            kv.put(args.table, np.asarray(ids[start:stop]), np.asarray(vectors[start:stop]))
+            bar.update(min(stop, len(ids)) - start)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with Client(_seeds(args)) as kv:
+        res = kv.get(args.table, np.array(args.ids, dtype=np.uint64))
+    rows = [{"id": i, "found": bool(f), "vector": v.tolist()} for i, f, v in zip(args.ids, res.found, res.values, strict=True)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        vec = np.array(row["vector"])
+        shown = np.array2string(vec[:8], precision=4, separator=", ") + (" ..." if len(vec) > 8 else "")
+        console.print(f"{row['id']}: {'found' if row['found'] else 'missing'} {shown}", highlight=False)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvstore.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {
+    "node": cmd_node,
+    "cluster": cmd_cluster,
+    "status": cmd_status,
+    "table": cmd_table,
+    "load": cmd_load,
+    "get": cmd_get,
+    "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

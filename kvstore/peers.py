@@ -1,0 +1,59 @@
+"""Channels from one node to the others, for metadata pushes, forwards and map sync."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from kvclient._limits import GRPC_CHANNEL_OPTIONS
+from kvclient._proto import kvstore_pb2 as pb
+from kvclient._proto import kvstore_pb2_grpc as pb_grpc
+
+from kvstore.state import NodeState
+
+log = logging.getLogger(__name__)
+
+PUSH_TIMEOUT_S = 1.0
+
+
+class Peers:
+    """One cached channel per peer address. Use from the node's event loop only."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def admin(self, address: str) -> pb_grpc.AdminStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return pb_grpc.AdminStub(channel)
+
+    async def push(self, cmap: pb.ClusterMap, self_id: str) -> None:
+        """Send `cmap` to every other node at once; a node that misses it syncs later."""
+        targets = [n for n in cmap.nodes if n.node_id != self_id]
+        results = await asyncio.gather(
+            *(self.admin(n.address).PushClusterMap(cmap, timeout=PUSH_TIMEOUT_S) for n in targets),
+            return_exceptions=True,
+        )
+        for node, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("map push failed node=%s epoch=%d error=%s", node.node_id, cmap.epoch, result)
+
+    async def sync_once(self, state: NodeState) -> None:
+        """Adopt the metadata node's map if it is newer than ours."""
+        local = state.local
+        if local is None or local.view.proto.meta_node_id == state.node_id:
+            return
+        address = local.view.addresses[local.view.proto.meta_node_id]
+        try:
+            cmap = await self.admin(address).GetClusterMap(pb.GetClusterMapRequest(), timeout=PUSH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            log.debug("map sync failed node=%s meta=%s code=%s", state.node_id, address, err.code().name)
+            return
+        state.apply_map(cmap)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

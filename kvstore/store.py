@@ -1,0 +1,239 @@
+"""A node's tables: the engine plus the cache tier, kept coherent on every write.
+
+Engine keys are `table_id (4 bytes BE) + id (8 bytes BE)` inside the partition's keyspace,
+so a dropped table is one range delete per partition and a re-created name (new table id)
+never sees old rows. Embedding rows are stored in the table's dtype, little-endian; feature
+records as msgpack bytes.
+
+Thread-safe: one lock serialises engine and cache access, so a replication apply thread and
+the request loop can share a `Store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from kvclient._codec import NUMPY_DTYPES
+from kvclient._proto import kvstore_pb2 as pb
+
+from kvstore.engine import Engine
+from kvstore.lru import RecordCache, VectorCache
+
+log = logging.getLogger(__name__)
+
+_KEY_DTYPE = np.dtype([("table", ">u4"), ("id", ">u8")])
+KEY_BYTES = _KEY_DTYPE.itemsize
+
+
+def encode_keys(table_id: int, ids: npt.NDArray[np.uint64]) -> list[bytes]:
+    """Return the engine key of every id of one table (vectorised packing)."""
+    packed = np.empty(len(ids), dtype=_KEY_DTYPE)
+    packed["table"] = table_id
+    packed["id"] = ids
+    buf = packed.tobytes()
+    return [buf[i : i + KEY_BYTES] for i in range(0, len(buf), KEY_BYTES)]
+
+
+def table_range(table_id: int) -> tuple[bytes, bytes]:
+    """Return [begin, end) covering every engine key of one table."""
+    return table_id.to_bytes(4, "big"), (table_id + 1).to_bytes(4, "big")
+
+
+def last_occurrence(ids: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+    """Return the positions of each id's last occurrence, in first-seen order of those."""
+    _, first_in_reversed = np.unique(ids[::-1], return_index=True)
+    return np.sort(len(ids) - 1 - first_in_reversed).astype(np.intp)
+
+
+def split_by_partition(
+    parts: npt.NDArray[np.intp],
+) -> Iterable[tuple[int, npt.NDArray[np.intp]]]:
+    """Yield (partition, positions) for every partition present, positions in input order."""
+    order = np.argsort(parts, kind="stable")
+    sorted_parts = parts[order]
+    bounds = np.flatnonzero(np.diff(sorted_parts)) + 1
+    for chunk in np.split(order, bounds):
+        if len(chunk):
+            yield int(parts[chunk[0]]), chunk
+
+
+@dataclass
+class StoreStats:
+    """Counters a node reports."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    keys_read: int = 0
+    keys_written: int = 0
+
+
+class Store:
+    """Tables on one node: reads through the cache tier, writes to both."""
+
+    def __init__(self, engine: Engine, cache_budget_bytes: int) -> None:
+        self.engine = engine
+        self.cache_budget_bytes = cache_budget_bytes
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._tables: dict[int, pb.TableSchema] = {}
+        self._vectors: dict[int, VectorCache] = {}
+        self._records: dict[int, RecordCache] = {}
+
+    # ---- schema ----
+
+    def set_tables(self, tables: Sequence[pb.TableSchema]) -> None:
+        """Adopt the map's tables: drop the data of removed ones, size caches for the rest.
+
+        The cache budget is shared equally among tables; a change of table count resizes
+        (and so empties) the caches.
+        """
+        wanted = {t.table_id: t for t in tables}
+        with self._lock:
+            for table_id in set(self._tables) - set(wanted):
+                self._drop_locked(table_id)
+            if set(wanted) != set(self._tables):
+                self._tables = dict(wanted)
+                self._size_caches_locked()
+
+    def _size_caches_locked(self) -> None:
+        share = self.cache_budget_bytes // max(1, len(self._tables))
+        self._vectors = {
+            tid: VectorCache(t.dim * NUMPY_DTYPES[t.dtype].itemsize, share)
+            for tid, t in self._tables.items()
+            if t.kind == pb.EMBEDDING
+        }
+        self._records = {tid: RecordCache(share) for tid, t in self._tables.items() if t.kind == pb.FEATURES}
+
+    def _drop_locked(self, table_id: int) -> None:
+        begin, end = table_range(table_id)
+        for partition in self.engine.partitions():
+            self.engine.delete_range(partition, begin, end)
+        log.info("table dropped table_id=%d", table_id)
+
+    @property
+    def cache_bytes(self) -> int:
+        with self._lock:
+            return sum(c.size_bytes for c in self._vectors.values()) + sum(
+                c.size_bytes for c in self._records.values()
+            )
+
+    # ---- reads ----
+
+    def get_vectors(
+        self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint8]]:
+        """Return (found mask, stored-dtype rows of the found ids as uint8 bytes, in order)."""
+        with self._lock:
+            cache = self._vectors[table.table_id]
+            slots = cache.lookup(ids)
+            found = slots >= 0
+            rows = np.empty((len(ids), cache.row_bytes), dtype=np.uint8)
+            rows[found] = cache.rows(slots[found])
+            misses = np.flatnonzero(~found)
+            self._count_reads(len(ids), len(misses))
+            if len(misses):
+                self._read_misses(table, ids, parts, misses, found, rows)
+                fetched = misses[found[misses]]
+                cache.insert(ids[fetched], rows[fetched])
+            return found, rows[found]
+
+    def _read_misses(
+        self,
+        table: pb.TableSchema,
+        ids: npt.NDArray[np.uint64],
+        parts: npt.NDArray[np.intp],
+        misses: npt.NDArray[np.intp],
+        found: npt.NDArray[np.bool_],
+        rows: npt.NDArray[np.uint8],
+    ) -> None:
+        keys = encode_keys(table.table_id, ids[misses])
+        for partition, sel in split_by_partition(parts[misses]):
+            values = self.engine.multi_get(partition, [keys[i] for i in sel])
+            hit = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
+            if hit.any():
+                dest = misses[sel[hit]]
+                payload = b"".join(v for v in values if v is not None)
+                rows[dest] = np.frombuffer(payload, dtype=np.uint8).reshape(len(dest), -1)
+                found[dest] = True
+
+    def get_records(
+        self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.bool_], list[bytes]]:
+        """Return (found mask, msgpack records of the found ids, in order)."""
+        with self._lock:
+            cache = self._records[table.table_id]
+            values = cache.get_many(ids)
+            misses = np.array([i for i, v in enumerate(values) if v is None], dtype=np.intp)
+            self._count_reads(len(ids), len(misses))
+            if len(misses):
+                keys = encode_keys(table.table_id, ids[misses])
+                for partition, sel in split_by_partition(parts[misses]):
+                    for i, value in zip(sel, self.engine.multi_get(partition, [keys[j] for j in sel]), strict=True):
+                        values[misses[i]] = value
+                filled = [int(i) for i in misses if values[i] is not None]
+                cache.insert(ids[filled], [values[i] for i in filled])  # type: ignore[misc]
+            found = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
+            return found, [v for v in values if v is not None]
+
+    def _count_reads(self, keys: int, misses: int) -> None:
+        self.stats.keys_read += keys
+        self.stats.cache_misses += misses
+        self.stats.cache_hits += keys - misses
+
+    # ---- writes ----
+
+    def put_vectors(
+        self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp], rows: npt.NDArray[np.generic]
+    ) -> int:
+        """Write rows (stored dtype) atomically per partition; a later duplicate id wins."""
+        keep = last_occurrence(ids)
+        ids, parts = ids[keep], parts[keep]
+        raw = np.ascontiguousarray(rows[keep]).view(np.uint8).reshape(len(keep), -1)
+        payload = raw.tobytes()
+        width = raw.shape[1]
+        values = [payload[i : i + width] for i in range(0, len(payload), width)]
+        with self._lock:
+            self._write_locked(table, ids, parts, values)
+            self._vectors[table.table_id].insert(ids, raw)
+        return len(keep)
+
+    def put_records(
+        self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp], records: Sequence[bytes]
+    ) -> int:
+        """Write feature records atomically per partition; a later duplicate id wins."""
+        keep = last_occurrence(ids)
+        values = [records[i] for i in keep]
+        with self._lock:
+            self._write_locked(table, ids[keep], parts[keep], values)
+            self._records[table.table_id].insert(ids[keep], values)
+        return len(keep)
+
+    def delete(self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp]) -> int:
+        """Delete ids (absent ones are fine); return how many distinct ids were deleted."""
+        keep = last_occurrence(ids)
+        with self._lock:
+            self._write_locked(table, ids[keep], parts[keep], [None] * len(keep))
+            cache = self._vectors.get(table.table_id) or self._records[table.table_id]
+            cache.discard(ids[keep])
+        return len(keep)
+
+    def _write_locked(
+        self,
+        table: pb.TableSchema,
+        ids: npt.NDArray[np.uint64],
+        parts: npt.NDArray[np.intp],
+        values: Sequence[bytes | None],
+    ) -> None:
+        keys = encode_keys(table.table_id, ids)
+        for partition, sel in split_by_partition(parts):
+            self.engine.write(partition, [keys[i] for i in sel], [values[i] for i in sel])
+        self.stats.keys_written += len(ids)
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
