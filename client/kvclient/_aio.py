@@ -375,6 +375,8 @@ class AsyncClient:
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         todo = np.arange(len(ids), dtype=np.intp)
         answers: list[_Answer] = []
+        seen: list[_Failure] = []  # retried errors, to name the node if the deadline ends it
+        failures: list[_Failure] = []
         for attempt in range(self._retry.max_attempts):
             view = self.view
             groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, write))
@@ -385,16 +387,17 @@ class AsyncClient:
             retry, failures = self._sort_outcomes(groups, outcomes, answers)
             if not retry:
                 break
-            last_attempt = attempt + 1 == self._retry.max_attempts
-            if last_attempt or time.monotonic() >= deadline:
+            seen.extend(retry)
+            if attempt + 1 == self._retry.max_attempts:
                 failures.extend(retry)
                 break
             await self._recover(retry, deadline, attempt)
+            if time.monotonic() >= deadline:
+                failures.extend(retry)
+                break
             todo = np.concatenate([pos for pos, _ in retry])
-        else:
-            failures = []
         if failures and not partial:
-            raise _worst(failures)
+            raise _worst(failures + seen)
         return answers
 
     def _routes(self, view: ClusterView, write: bool) -> npt.NDArray[np.intp]:

@@ -31,23 +31,29 @@ log = logging.getLogger(__name__)
 
 Transport = Literal["stream", "unary"]
 ERROR_METADATA_KEY = "kv-error-bin"
-_UNARY_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
+# Statuses that mean "this is not a kvstore node" rather than "the node or link failed".
+_NOT_OURS = {
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError, node: str) -> KvError:
-    """Map a failed gRPC call to our error tree, using the in-band detail when present."""
+    """Map a failed gRPC call to our error tree, using the in-band detail when present.
+
+    A node reports its own errors in-band (trailing metadata on unary calls, `Error` on
+    streams); a status without that detail comes from the link or the gRPC core (a reset
+    stream surfaces as INTERNAL), so it means the node is unavailable.
+    """
     for key, value in err.trailing_metadata() or ():
         if key == ERROR_METADATA_KEY and isinstance(value, bytes):
             return error_from_proto(pb.Error.FromString(value))
     if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"node {node}: deadline exceeded")
-    if err.code() in _UNARY_CODES:
-        return UnavailableError(f"node {node} unavailable: {err.details()}")
-    return ServerError(f"node {node}: {err.code().name}: {err.details()}")
+    if err.code() in _NOT_OURS:
+        return ServerError(f"node {node}: {err.code().name}: {err.details()}")
+    return UnavailableError(f"node {node} unavailable: {err.code().name}: {err.details()}")
 
 
 class NodeConnection:
@@ -132,6 +138,7 @@ class NodeConnection:
         finally:
             if self._outbox is outbox:
                 self._outbox = None
+            outbox.put_nowait(None)  # end the request generator of the dead stream
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(failure)

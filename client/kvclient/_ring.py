@@ -62,7 +62,9 @@ def place(
 
     `weights` maps node id -> relative capacity (> 0). Each partition gets
     min(replicas, number of nodes) distinct nodes. Deterministic: the same arguments give the
-    same answer in any process. Raises ValueError for no nodes or a non-positive weight.
+    same answer in any process. No node holds more than ceil(LOAD_FACTOR x its weighted share)
+    replicas whenever the weights allow it (always for equal weights). Raises ValueError for
+    no nodes or a non-positive weight.
     """
     if not weights:
         raise ValueError("place: no nodes")
@@ -77,6 +79,7 @@ def place(
     for part in range(partitions):
         chosen = _walk(ring, keys, _point(f"partition-{part}"), copies, caps, load)
         out.append(chosen)
+    _relieve(out, caps, load)
     return out
 
 
@@ -114,3 +117,21 @@ def _walk(
             if len(chosen) == copies:
                 break
     return chosen
+
+
+def _relieve(out: list[list[str]], caps: Mapping[str, int], load: dict[str, int]) -> None:
+    """Move replicas off nodes the second lap overfilled onto nodes under their cap.
+
+    Late partitions can find fewer than `copies` non-full nodes; an over-cap node X and an
+    under-cap node Y always share fewer partitions than X holds, so a move exists.
+    """
+    for part, chosen in enumerate(out):
+        for slot, node in enumerate(chosen):
+            if load[node] <= caps[node]:
+                continue
+            spare = next((n for n in caps if load[n] < caps[n] and n not in chosen), None)
+            if spare is None:
+                continue
+            out[part][slot] = spare
+            load[node] -= 1
+            load[spare] += 1

@@ -67,6 +67,7 @@ class Client:
             return
         self._closed = True
         self._run(self._aio.close())
+        self._run(self._loop.shutdown_asyncgens())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
