@@ -168,7 +168,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     console.print(f"cluster [bold]{doc['cluster_id']}[/bold]  epoch {doc['epoch']}  partitions {doc['partitions']}  replicas {doc['replicas']}")
-    nodes = Table("node", "address", "state", "partitions", "cache", "hit rate", "disk", "requests")
+    nodes = Table()
+    for name in ("node", "address", "state", "partitions", "cache", "hit rate", "disk", "requests"):
+        nodes.add_column(name, no_wrap=name in ("node", "address"))
     for n in doc["nodes"]:
         nodes.add_row(n["node_id"] + (" (meta)" if n["meta"] else ""), n["address"], n["state"], str(n["partitions"]),
                       f"{_mib(n.get('cache_bytes', 0))} / {_mib(n.get('cache_budget_bytes', 0))}",

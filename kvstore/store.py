@@ -218,8 +218,10 @@ class Store:
         keep = last_occurrence(ids)
         with self._lock:
             self._write_locked(table, ids[keep], parts[keep], [None] * len(keep))
-            cache = self._vectors.get(table.table_id) or self._records[table.table_id]
-            cache.discard(ids[keep])
+            if table.kind == pb.FEATURES:
+                self._records[table.table_id].discard(ids[keep])
+            else:
+                self._vectors[table.table_id].discard(ids[keep])
         return len(keep)
 
     def _write_locked(

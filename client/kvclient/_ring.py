@@ -122,16 +122,20 @@ def _walk(
 def _relieve(out: list[list[str]], caps: Mapping[str, int], load: dict[str, int]) -> None:
     """Move replicas off nodes the second lap overfilled onto nodes under their cap.
 
-    Late partitions can find fewer than `copies` non-full nodes; an over-cap node X and an
-    under-cap node Y always share fewer partitions than X holds, so a move exists.
+    Late partitions can find fewer than `copies` non-full nodes. With equal weights a move
+    always exists: an over-cap node shares fewer partitions with an under-cap node than it
+    holds. Each move lowers the total overflow by one, so the loop ends.
     """
-    for part, chosen in enumerate(out):
-        for slot, node in enumerate(chosen):
-            if load[node] <= caps[node]:
-                continue
-            spare = next((n for n in caps if load[n] < caps[n] and n not in chosen), None)
-            if spare is None:
-                continue
-            out[part][slot] = spare
-            load[node] -= 1
-            load[spare] += 1
+    moved = True
+    while moved:
+        moved = False
+        for chosen in out:
+            for slot, node in enumerate(chosen):
+                if load[node] <= caps[node]:
+                    continue
+                spare = next((n for n in caps if load[n] < caps[n] and n not in chosen), None)
+                if spare is not None:
+                    chosen[slot] = spare
+                    load[node] -= 1
+                    load[spare] += 1
+                    moved = True
