@@ -65,13 +65,14 @@ class VectorCache:
         if self.capacity == 0 or len(ids) == 0:
             return
         if len(ids) > self.capacity:
+            self.discard(ids[: -self.capacity])  # their cached rows would be stale
             ids, rows = ids[-self.capacity :], rows[-self.capacity :]
         slots = self.lookup(ids)
         present = slots >= 0
         self._slab[slots[present]] = rows[present]
         new = ~present
         if new.any():
-            fresh = self._claim(int(new.sum()))
+            fresh = self._claim(int(new.sum()), keep=slots[present])
             new_ids = ids[new]
             self._slab[fresh] = rows[new]
             self._key_of[fresh] = new_ids
@@ -93,21 +94,27 @@ class VectorCache:
         self._ref[:] = False
         self._hand = self._fill = 0
 
-    def _claim(self, count: int) -> npt.NDArray[np.intp]:
-        """Return `count` distinct slots: never-used ones first, then CLOCK victims."""
-        claimed: list[npt.NDArray[np.intp]] = []
+    def _claim(self, count: int, keep: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """Return `count` distinct slots: never-used ones first, then CLOCK victims.
+
+        Slots in `keep` (rows this insert just updated) are never chosen.
+        """
+        claimed: list[npt.NDArray[np.intp]] = [keep[:0]]
         fresh = min(count, self.capacity - self._fill)
         if fresh:
             claimed.append(np.arange(self._fill, self._fill + fresh, dtype=np.intp))
             self._fill += fresh
             count -= fresh
         while count > 0:
+            # Set before every sweep (a sweep clears the bits it passes) so that neither this
+            # call's slots nor the kept ones become victims, which would hand a slot out twice.
+            self._ref[keep] = True
+            self._ref[np.concatenate(claimed)] = True
             victims = self._sweep(count)
             self._evict(victims)
             claimed.append(victims)
-            self._ref[np.concatenate(claimed)] = True  # keep this call's slots from being swept again
             count -= len(victims)
-        out = np.concatenate(claimed) if claimed else np.empty(0, dtype=np.intp)
+        out = np.concatenate(claimed)
         self._ref[out] = True
         return out
 

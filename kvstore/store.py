@@ -139,7 +139,8 @@ class Store:
             if len(misses):
                 self._read_misses(table, ids, parts, misses, found, rows)
                 fetched = misses[found[misses]]
-                cache.insert(ids[fetched], rows[fetched])
+                _, first = np.unique(ids[fetched], return_index=True)  # the cache takes unique ids
+                cache.insert(ids[fetched[first]], rows[fetched[first]])
             return found, rows[found]
 
     def _read_misses(

@@ -71,7 +71,7 @@ def as_ids(ids: Any, *, allow_empty: bool = False) -> IdArray:
     Accepts integer numpy arrays, lists/tuples of Python ints, or one int. Negative values
     and non-integer dtypes (floats, strings, bools) are refused rather than cast.
     """
-    arr = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
+    arr = _id_array(ids)
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:
@@ -95,6 +95,19 @@ def as_ids(ids: Any, *, allow_empty: bool = False) -> IdArray:
     if arr.dtype == object:
         return _ids_from_objects(arr)
     raise ClientError(f"ids: dtype {arr.dtype} is not an integer type", field="ids")
+
+
+def _id_array(ids: Any) -> npt.NDArray[Any]:
+    if isinstance(ids, np.ndarray):
+        return ids
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting and the like
+        raise ClientError("ids: expected a flat sequence of integers", field="ids") from None
+    if arr.dtype.kind == "f" and isinstance(ids, list | tuple):
+        # numpy makes ints >= 2**63 mixed with smaller ones float64: check them one by one.
+        return np.array(ids, dtype=object)
+    return arr
 
 
 def _ids_from_objects(arr: npt.NDArray[Any]) -> IdArray:
@@ -128,7 +141,10 @@ def check_vectors(
     table: pb.TableSchema, values: Any, count: int
 ) -> npt.NDArray[np.floating[Any]]:
     """Return `values` as a (count, dim) array in the table's stored dtype, or raise."""
-    arr = np.asarray(values)
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):  # ragged rows and the like
+        raise ClientError(f"vectors: expected a 2-D array (ids x {table.dim})", field="vectors") from None
     if arr.dtype.kind not in "fiu":
         raise ClientError(f"vectors: dtype {arr.dtype} is not numeric", field="vectors")
     if arr.ndim == 1 and count == 1:
