@@ -13,11 +13,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+
 from kvclient._connection import error_from_rpc
 from kvclient._errors import ClientError, KvError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-
 from kvstore import metadata
 from kvstore.data_service import abort_with
 from kvstore.peers import Peers
@@ -133,6 +133,8 @@ class AdminService(pb_grpc.AdminServicer):
         """Tell the metadata node this node's current address (it may have changed)."""
         me = pb.NodeInfo(node_id=self.state.node_id, address=self.state.address)
         try:
-            await self.change(lambda cmap: metadata.register_node(cmap, me), lambda stub: stub.RegisterNode(me, timeout=2.0))
+            await self.change(
+                lambda cmap: metadata.register_node(cmap, me), lambda stub: stub.RegisterNode(me, timeout=2.0)
+            )
         except (KvError, UnavailableError) as err:
             log.warning("register failed node=%s error=%s", self.state.node_id, err)

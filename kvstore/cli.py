@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from kvclient import Client, ClientError, KvError
 from rich.console import Console
 from rich.table import Table
 
+from kvclient import Client, ClientError, KvError
 from kvstore.config import NodeConfig, parse_bytes
 from kvstore.launcher import ClusterError, LocalCluster, seeds_from_dir
 
@@ -33,7 +33,10 @@ def _seeds(args: argparse.Namespace) -> list[str]:
     text = args.seeds or os.environ.get("KVSTORE_SEEDS", "")
     seeds = [s for s in text.split(",") if s] or seeds_from_dir(args.dir)
     if not seeds:
-        raise ClusterError(f"no cluster to talk to: pass --seeds host:port, set KVSTORE_SEEDS, or start one with 'kvstore cluster up --dir {args.dir}'")
+        raise ClusterError(
+            "no cluster to talk to: pass --seeds host:port, set KVSTORE_SEEDS, "
+            f"or start one with 'kvstore cluster up --dir {args.dir}'"
+        )
     return seeds
 
 
@@ -127,8 +130,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     from kvstore.node import serve
 
     config = NodeConfig(
-        node_id=args.node_id, data_dir=os.path.abspath(args.dir), host=args.host, port=args.port,
-        cache_bytes=parse_bytes(args.cache_bytes), block_cache_bytes=parse_bytes(args.block_cache_bytes),
+        node_id=args.node_id,
+        data_dir=os.path.abspath(args.dir),
+        host=args.host,
+        port=args.port,
+        cache_bytes=parse_bytes(args.cache_bytes),
+        block_cache_bytes=parse_bytes(args.block_cache_bytes),
     ).validate()
     asyncio.run(serve(config))
     return 0
@@ -138,7 +145,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     cluster = LocalCluster.open(args.dir)
     if args.action == "down":
         stopped = cluster.down()
-        console.print(f"stopped {len(stopped)} node(s) in {cluster.root}" if stopped else f"no running nodes in {cluster.root}")
+        console.print(
+            f"stopped {len(stopped)} node(s) in {cluster.root}" if stopped else f"no running nodes in {cluster.root}"
+        )
         return 0
     parse_bytes(args.cache_bytes)
     seeds = cluster.up(args.nodes, partitions=args.partitions, replicas=args.replicas, cache_bytes=args.cache_bytes)
@@ -167,15 +176,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    console.print(f"cluster [bold]{doc['cluster_id']}[/bold]  epoch {doc['epoch']}  partitions {doc['partitions']}  replicas {doc['replicas']}")
+    console.print(
+        f"cluster [bold]{doc['cluster_id']}[/bold]  epoch {doc['epoch']}  "
+        f"partitions {doc['partitions']}  replicas {doc['replicas']}"
+    )
     nodes = Table()
     for name in ("node", "address", "state", "partitions", "cache", "hit rate", "disk", "requests"):
         nodes.add_column(name, no_wrap=name in ("node", "address"))
     for n in doc["nodes"]:
-        nodes.add_row(n["node_id"] + (" (meta)" if n["meta"] else ""), n["address"], n["state"], str(n["partitions"]),
-                      f"{_mib(n.get('cache_bytes', 0))} / {_mib(n.get('cache_budget_bytes', 0))}",
-                      f"{n['hit_rate']:.0%}" if n.get("hit_rate") is not None else "-", _mib(n.get("disk_bytes", 0)),
-                      str(n.get("requests", "-")))
+        nodes.add_row(
+            n["node_id"] + (" (meta)" if n["meta"] else ""),
+            n["address"],
+            n["state"],
+            str(n["partitions"]),
+            f"{_mib(n.get('cache_bytes', 0))} / {_mib(n.get('cache_budget_bytes', 0))}",
+            f"{n['hit_rate']:.0%}" if n.get("hit_rate") is not None else "-",
+            _mib(n.get("disk_bytes", 0)),
+            str(n.get("requests", "-")),
+        )
     console.print(nodes)
     _print_tables(doc["tables"])
     return 0
@@ -184,28 +202,53 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _status_doc(cmap: Any, stats: list[Any]) -> dict[str, Any]:
     nodes = []
     for info, st in zip(cmap.nodes, stats, strict=True):
-        row: dict[str, Any] = {"node_id": info.node_id, "address": info.address, "meta": info.node_id == cmap.meta_node_id,
-                               "partitions": sum(info.node_id in p.node_ids for p in cmap.placement)}
+        row: dict[str, Any] = {
+            "node_id": info.node_id,
+            "address": info.address,
+            "meta": info.node_id == cmap.meta_node_id,
+            "partitions": sum(info.node_id in p.node_ids for p in cmap.placement),
+        }
         if isinstance(st, Exception):
             row.update(state="down", error=str(st))
         else:
             reads = st.cache_hits + st.cache_misses
-            row.update(state="up", epoch=st.epoch, cache_bytes=st.cache_bytes, cache_budget_bytes=st.cache_budget_bytes,
-                       hit_rate=(st.cache_hits / reads) if reads else None, disk_bytes=st.disk_bytes,
-                       requests=st.requests, keys_read=st.keys_read, keys_written=st.keys_written, uptime_s=round(st.uptime_s, 1))
+            row.update(
+                state="up",
+                epoch=st.epoch,
+                cache_bytes=st.cache_bytes,
+                cache_budget_bytes=st.cache_budget_bytes,
+                hit_rate=(st.cache_hits / reads) if reads else None,
+                disk_bytes=st.disk_bytes,
+                requests=st.requests,
+                keys_read=st.keys_read,
+                keys_written=st.keys_written,
+                uptime_s=round(st.uptime_s, 1),
+            )
         nodes.append(row)
     tables = [_table_doc(t) for t in cmap.tables]
-    return {"cluster_id": cmap.cluster_id, "epoch": cmap.epoch, "partitions": cmap.partitions, "replicas": cmap.replicas,
-            "meta_node_id": cmap.meta_node_id, "nodes": nodes, "tables": tables}
+    return {
+        "cluster_id": cmap.cluster_id,
+        "epoch": cmap.epoch,
+        "partitions": cmap.partitions,
+        "replicas": cmap.replicas,
+        "meta_node_id": cmap.meta_node_id,
+        "nodes": nodes,
+        "tables": tables,
+    }
 
 
 def _table_doc(schema: Any) -> dict[str, Any]:
     from kvclient import TableInfo
 
     info = TableInfo.from_proto(schema)
-    return {"name": info.name, "kind": info.kind, "dim": info.dim, "dtype": info.dtype,
-            "default": "zeros" if info.default is None else ("nan" if np.isnan(info.default).all() else "vector"),
-            "allow_nonfinite": info.allow_nonfinite}
+    return {
+        "name": info.name,
+        "kind": info.kind,
+        "dim": info.dim,
+        "dtype": info.dtype,
+        "default": "zeros" if info.default is None else ("nan" if np.isnan(info.default).all() else "vector"),
+        "allow_nonfinite": info.allow_nonfinite,
+    }
 
 
 def _print_tables(tables: list[dict[str, Any]]) -> None:
@@ -222,8 +265,15 @@ def _mib(n: int) -> str:
 def cmd_table(args: argparse.Namespace) -> int:
     with Client(_seeds(args)) as kv:
         if args.action == "create":
-            kv.create_table(args.name, dim=args.dim, dtype=args.dtype, kind=args.kind, default=args.default,
-                            allow_nonfinite=args.allow_nonfinite, if_not_exists=args.if_not_exists)
+            kv.create_table(
+                args.name,
+                dim=args.dim,
+                dtype=args.dtype,
+                kind=args.kind,
+                default=args.default,
+                allow_nonfinite=args.allow_nonfinite,
+                if_not_exists=args.if_not_exists,
+            )
             console.print(f"table {args.name!r} created")
         elif args.action == "drop":
             kv.drop_table(args.name)
@@ -257,7 +307,10 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     with Client(_seeds(args)) as kv:
         res = kv.get(args.table, np.array(args.ids, dtype=np.uint64))
-    rows = [{"id": i, "found": bool(f), "vector": v.tolist()} for i, f, v in zip(args.ids, res.found, res.values, strict=True)]
+    rows = [
+        {"id": i, "found": bool(f), "vector": v.tolist()}
+        for i, f, v in zip(args.ids, res.found, res.values, strict=True)
+    ]
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -42,8 +42,7 @@ class NodeConfig:
             raise ValueError(f"port: {self.port} is not in 0..65535")
         if self.cache_bytes < 0 or self.block_cache_bytes < 1 << 20:
             raise ValueError(
-                f"cache_bytes {self.cache_bytes} must be >= 0 and block_cache_bytes "
-                f"{self.block_cache_bytes} >= 1 MiB"
+                f"cache_bytes {self.cache_bytes} must be >= 0 and block_cache_bytes {self.block_cache_bytes} >= 1 MiB"
             )
         if self.map_sync_interval_s <= 0:
             raise ValueError(f"map_sync_interval_s: {self.map_sync_interval_s} must be > 0")

@@ -21,18 +21,18 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import numpy.typing as npt
+
 from kvclient._codec import check_records, decode_vectors, unpack_ids
 from kvclient._connection import ERROR_METADATA_KEY
 from kvclient._errors import ClientError, KvError, ServerError, error_from_proto
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvclient._ring import partitions_of
-
 from kvstore.state import LocalMap, NodeState
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
+_STATUS: dict[pb.ErrorCode.ValueType, grpc.StatusCode] = {
     pb.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     pb.UNKNOWN_TABLE: grpc.StatusCode.NOT_FOUND,
     pb.STALE_MAP: grpc.StatusCode.FAILED_PRECONDITION,
@@ -103,7 +103,9 @@ class DataService(pb_grpc.DataServicer):
             log.exception("request failed node=%s", self.state.node_id)
             return pb.DataResponse(error=ServerError(f"node {self.state.node_id}: {exc!r}").to_proto())
 
-    def _route(self, table: str, ids_buf: bytes) -> tuple[LocalMap, pb.TableSchema, npt.NDArray[np.uint64], npt.NDArray[np.intp]]:
+    def _route(
+        self, table: str, ids_buf: bytes
+    ) -> tuple[LocalMap, pb.TableSchema, npt.NDArray[np.uint64], npt.NDArray[np.intp]]:
         local = self.state.current()
         schema = local.view.table(table)
         ids = unpack_ids(ids_buf)

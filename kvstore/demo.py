@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
-from kvclient import Client
 from rich.console import Console
 from tqdm import tqdm
 
+from kvclient import Client
 from kvstore.launcher import LocalCluster
 
 console = Console()

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 
@@ -90,9 +92,14 @@ class LocalCluster:
         """
         if self.running():
             live = ", ".join(f"{n.node_id} (pid {n.pid})" for n in self.running())
-            raise ClusterError(f"a cluster is already running in {self.root}: {live}; run 'kvstore cluster down --dir {self.root}' first")
+            raise ClusterError(
+                f"a cluster is already running in {self.root}: {live}; "
+                f"run 'kvstore cluster down --dir {self.root}' first"
+            )
         if self.nodes and len(self.nodes) != nodes:
-            raise ClusterError(f"{self.root} holds a {len(self.nodes)}-node cluster, not {nodes}; adding nodes is a rebalance")
+            raise ClusterError(
+                f"{self.root} holds a {len(self.nodes)}-node cluster, not {nodes}; adding nodes is a rebalance"
+            )
         os.makedirs(self.root, exist_ok=True)
         if not self.nodes:
             self.nodes = [self._describe(f"n{i}") for i in range(1, nodes + 1)]
@@ -115,11 +122,29 @@ class LocalCluster:
         info = os.path.join(node.data_dir, "node.json")
         if os.path.exists(info):
             os.replace(info, info + ".last")  # the new process writes a fresh one
-        cmd = [sys.executable, "-m", "kvstore", "node", "--node-id", node_id, "--dir", node.data_dir,
-               "--cache-bytes", cache_bytes, "--port", str(_last_port(info + ".last"))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvstore",
+            "node",
+            "--node-id",
+            node_id,
+            "--dir",
+            node.data_dir,
+            "--cache-bytes",
+            cache_bytes,
+            "--port",
+            str(_last_port(info + ".last")),
+        ]
         with open(node.log_path, "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **MALLOC_ENV}, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **MALLOC_ENV},
+                start_new_session=True,
+            )
         node.pid, node.address = proc.pid, ""
         return node
 
@@ -146,7 +171,8 @@ class LocalCluster:
     def _bootstrap(self, partitions: int, replicas: int, timeout_s: float) -> None:
         req = pb.BootstrapRequest(
             nodes=[pb.NodeInfo(node_id=n.node_id, address=n.address) for n in self.nodes],
-            partitions=partitions, replicas=replicas,
+            partitions=partitions,
+            replicas=replicas,
         )
         with grpc.insecure_channel(self.nodes[0].address) as channel:
             admin = pb_grpc.AdminStub(channel)
@@ -194,10 +220,12 @@ def seeds_from_dir(root: str) -> list[str]:
 def _node_dirs(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
-    return [d for d in os.listdir(root) if d.startswith("n") and d[1:].isdigit() and os.path.isdir(os.path.join(root, d))]
+    return [
+        d for d in os.listdir(root) if d.startswith("n") and d[1:].isdigit() and os.path.isdir(os.path.join(root, d))
+    ]
 
 
-def _read_json(path: str) -> dict | None:  # type: ignore[type-arg]
+def _read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             data = json.load(f)

@@ -15,9 +15,9 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from kvclient._limits import GRPC_CHANNEL_OPTIONS
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-
 from kvstore.admin_service import AdminService
 from kvstore.config import NodeConfig
 from kvstore.data_service import DataService

@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 import grpc
+
 from kvclient._limits import GRPC_CHANNEL_OPTIONS
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-
 from kvstore.state import NodeState
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from kvclient._clustermap import ClusterView
 from kvclient._errors import RoutingError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
-
 from kvstore.config import NodeConfig
 from kvstore.store import Store
 

@@ -1,10 +1,10 @@
 """kvclient: the light client library of kvstore (grpcio, numpy, xxhash, msgpack only).
 
-    from kvclient import Client
-    with Client(["127.0.0.1:7000"]) as kv:
-        kv.create_table("items", dim=64)
-        kv.put("items", ids, vectors)
-        res = kv.get("items", ids)       # res.values (K, 64) float32, res.found (K,) bool
+from kvclient import Client
+with Client(["127.0.0.1:7000"]) as kv:
+    kv.create_table("items", dim=64)
+    kv.put("items", ids, vectors)
+    res = kv.get("items", ids)       # res.values (K, 64) float32, res.found (K,) bool
 """
 
 from kvclient._aio import AsyncClient, RetryPolicy

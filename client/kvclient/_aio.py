@@ -44,7 +44,6 @@ from kvclient._errors import (
     KvError,
     RoutingError,
     UnavailableError,
-    UnknownTableError,
 )
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._results import FeaturesResult, GetResult, TableInfo
@@ -297,8 +296,11 @@ class AsyncClient:
         def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
             return pb.DataRequest(
                 put=pb.PutRequest(
-                    table=table, ids=pack_ids(id_arr[pos]), values=rows[pos].tobytes(),
-                    dtype=wire_dtype, epoch=epoch,
+                    table=table,
+                    ids=pack_ids(id_arr[pos]),
+                    values=rows[pos].tobytes(),
+                    dtype=wire_dtype,
+                    epoch=epoch,
                 )
             )
 
@@ -314,9 +316,7 @@ class AsyncClient:
 
         def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
             return pb.DataRequest(
-                put=pb.PutRequest(
-                    table=table, ids=pack_ids(id_arr[pos]), records=[packed[i] for i in pos], epoch=epoch
-                )
+                put=pb.PutRequest(table=table, ids=pack_ids(id_arr[pos]), records=[packed[i] for i in pos], epoch=epoch)
             )
 
         return await self._write(table, id_arr, build, deadline_s)
@@ -403,9 +403,7 @@ class AsyncClient:
     def _routes(self, view: ClusterView, write: bool) -> npt.NDArray[np.intp]:
         if write:
             return view.replica_index[:, 0]
-        cost = np.array(
-            [self._conns[n].inflight if n in self._conns else 0 for n in view.node_ids], dtype=np.float64
-        )
+        cost = np.array([self._conns[n].inflight if n in self._conns else 0 for n in view.node_ids], dtype=np.float64)
         return choose_replicas(view.replica_index, cost)
 
     async def _send(self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float) -> pb.DataResponse:
@@ -467,7 +465,10 @@ def _schema_from_args(
     if dim is None:
         raise ClientError("dim: an embedding table needs a dim", field="dim")
     schema = pb.TableSchema(
-        name=name, kind=pb.EMBEDDING, dim=check_dim(dim), dtype=dtype_code(dtype),
+        name=name,
+        kind=pb.EMBEDDING,
+        dim=check_dim(dim),
+        dtype=dtype_code(dtype),
         allow_nonfinite=allow_nonfinite,
     )
     schema.default_vector = _default_bytes(default, schema.dim)
@@ -485,5 +486,3 @@ def _default_bytes(default: Any, dim: int) -> bytes:
     if row.shape != (dim,):
         raise ClientError(f"default: shape {row.shape} != ({dim},)", field="default")
     return row.astype("<f4").tobytes()
-
-

@@ -59,9 +59,7 @@ class ClusterView:
             return self.tables[name]
         except KeyError:
             known = ", ".join(sorted(self.tables)) or "none"
-            raise UnknownTableError(
-                f"table {name!r} does not exist (tables: {known})", field="table"
-            ) from None
+            raise UnknownTableError(f"table {name!r} does not exist (tables: {known})", field="table") from None
 
     def partitions_of_node(self, node_id: str) -> list[int]:
         """Return the partitions that list `node_id` among their replicas."""

@@ -31,7 +31,7 @@ NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
 }
-DTYPE_NAMES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
+DTYPE_NAMES: dict[str, pb.DType.ValueType] = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -41,8 +41,7 @@ def check_table_name(name: str) -> str:
         raise ClientError(f"table: name must be a non-empty string, got {name!r}", field="table")
     if len(name) > MAX_TABLE_NAME_CHARS or not _TABLE_NAME.fullmatch(name):
         raise ClientError(
-            f"table: name {name!r} must be 1..{MAX_TABLE_NAME_CHARS} characters of "
-            "letters, digits, '_', '.', '-'",
+            f"table: name {name!r} must be 1..{MAX_TABLE_NAME_CHARS} characters of letters, digits, '_', '.', '-'",
             field="table",
         )
     return name
@@ -55,14 +54,12 @@ def check_dim(dim: int) -> int:
     return int(dim)
 
 
-def dtype_code(name: str) -> int:
+def dtype_code(name: str) -> pb.DType.ValueType:
     """Map a dtype name ('float32', 'float16') to its wire code."""
     try:
         return DTYPE_NAMES[str(name)]
     except KeyError:
-        raise ClientError(
-            f"dtype: {name!r} is not one of {sorted(DTYPE_NAMES)}", field="dtype"
-        ) from None
+        raise ClientError(f"dtype: {name!r} is not one of {sorted(DTYPE_NAMES)}", field="dtype") from None
 
 
 def as_ids(ids: Any, *, allow_empty: bool = False) -> IdArray:
@@ -81,16 +78,12 @@ def as_ids(ids: Any, *, allow_empty: bool = False) -> IdArray:
             return np.empty(0, dtype=np.uint64)
         raise ClientError("ids: batch is empty; send at least 1 id", field="ids")
     if arr.size > MAX_BATCH_KEYS:
-        raise ClientError(
-            f"ids: batch of {arr.size} keys exceeds the limit of {MAX_BATCH_KEYS}", field="ids"
-        )
+        raise ClientError(f"ids: batch of {arr.size} keys exceeds the limit of {MAX_BATCH_KEYS}", field="ids")
     if arr.dtype.kind == "u":
         return arr.astype(np.uint64, copy=False)
     if arr.dtype.kind == "i":
         if (arr < 0).any():
-            raise ClientError(
-                f"ids: negative id {int(arr.min())}; ids are unsigned 64-bit", field="ids"
-            )
+            raise ClientError(f"ids: negative id {int(arr.min())}; ids are unsigned 64-bit", field="ids")
         return arr.astype(np.uint64)
     if arr.dtype == object:
         return _ids_from_objects(arr)
@@ -131,15 +124,11 @@ def unpack_ids(buf: bytes) -> IdArray:
     if ids.size == 0:
         raise ClientError("ids: batch is empty; send at least 1 id", field="ids")
     if ids.size > MAX_BATCH_KEYS:
-        raise ClientError(
-            f"ids: batch of {ids.size} keys exceeds the limit of {MAX_BATCH_KEYS}", field="ids"
-        )
+        raise ClientError(f"ids: batch of {ids.size} keys exceeds the limit of {MAX_BATCH_KEYS}", field="ids")
     return ids.astype(np.uint64, copy=False)
 
 
-def check_vectors(
-    table: pb.TableSchema, values: Any, count: int
-) -> npt.NDArray[np.floating[Any]]:
+def check_vectors(table: pb.TableSchema, values: Any, count: int) -> npt.NDArray[np.floating[Any]]:
     """Return `values` as a (count, dim) array in the table's stored dtype, or raise."""
     try:
         arr = np.asarray(values)
@@ -155,18 +144,12 @@ def check_vectors(
             field="vectors",
         )
     if arr.shape[0] != count:
-        raise ClientError(
-            f"vectors: {arr.shape[0]} rows for {count} ids; counts must match", field="vectors"
-        )
+        raise ClientError(f"vectors: {arr.shape[0]} rows for {count} ids; counts must match", field="vectors")
     if arr.shape[1] != table.dim:
-        raise ClientError(
-            f"table {table.name!r}: dim {arr.shape[1]} != {table.dim}", field="vectors"
-        )
+        raise ClientError(f"table {table.name!r}: dim {arr.shape[1]} != {table.dim}", field="vectors")
     stored = NUMPY_DTYPES[table.dtype]
     if arr.nbytes > MAX_BATCH_BYTES:
-        raise ClientError(
-            f"vectors: {arr.nbytes} bytes exceeds the limit of {MAX_BATCH_BYTES}", field="vectors"
-        )
+        raise ClientError(f"vectors: {arr.nbytes} bytes exceeds the limit of {MAX_BATCH_BYTES}", field="vectors")
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(stored, copy=False)
     if not table.allow_nonfinite:
@@ -184,8 +167,7 @@ def _check_finite(table: pb.TableSchema, given: npt.NDArray[Any], stored: npt.ND
     if not np.isfinite(stored).all():
         limit = float(np.finfo(stored.dtype).max)
         raise ClientError(
-            f"vectors: a value exceeds the {stored.dtype} range of +-{limit:g} "
-            f"of table {table.name!r}",
+            f"vectors: a value exceeds the {stored.dtype} range of +-{limit:g} of table {table.name!r}",
             field="vectors",
         )
 
@@ -208,9 +190,7 @@ def decode_vectors(table: pb.TableSchema, buf: bytes, dtype: int, count: int) ->
 def pack_records(records: Sequence[Mapping[str, Any]], count: int) -> list[bytes]:
     """Encode feature records as msgpack maps, or raise `ClientError`."""
     if len(records) != count:
-        raise ClientError(
-            f"records: {len(records)} records for {count} ids; counts must match", field="records"
-        )
+        raise ClientError(f"records: {len(records)} records for {count} ids; counts must match", field="records")
     out = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
@@ -240,9 +220,7 @@ def check_records(records: Iterable[bytes]) -> None:
         if not isinstance(value, dict):
             raise ClientError(f"records: item {i} is not a msgpack map", field="records")
     if total > MAX_BATCH_BYTES:
-        raise ClientError(
-            f"records: {total} bytes exceeds the limit of {MAX_BATCH_BYTES}", field="records"
-        )
+        raise ClientError(f"records: {total} bytes exceeds the limit of {MAX_BATCH_BYTES}", field="records")
 
 
 def unpack_record(raw: bytes) -> dict[str, Any]:

@@ -105,9 +105,7 @@ class NodeConnection:
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
-            raise DeadlineExceededError(
-                f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms"
-            ) from None
+            raise DeadlineExceededError(f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms") from None
         finally:
             self._pending.pop(req.request_id, None)
 

@@ -13,7 +13,7 @@ from kvclient._proto import kvstore_pb2 as pb
 class KvError(Exception):
     """Base of every error kvstore raises."""
 
-    code: int = pb.INTERNAL
+    code: pb.ErrorCode.ValueType = pb.INTERNAL
 
     def __init__(self, message: str, *, field: str = "", epoch: int = 0) -> None:
         super().__init__(message)
@@ -62,7 +62,7 @@ class ServerError(KvError):
     code = pb.INTERNAL
 
 
-_BY_CODE: dict[int, type[KvError]] = {
+_BY_CODE: dict[pb.ErrorCode.ValueType, type[KvError]] = {
     pb.INVALID_ARGUMENT: ClientError,
     pb.UNKNOWN_TABLE: UnknownTableError,
     pb.STALE_MAP: RoutingError,

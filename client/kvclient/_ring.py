@@ -133,7 +133,7 @@ def _relieve(out: list[list[str]], caps: Mapping[str, int], load: dict[str, int]
             for slot, node in enumerate(chosen):
                 if load[node] <= caps[node]:
                     continue
-                spare = next((n for n in caps if load[n] < caps[n] and n not in chosen), None)
+                spare = next((n for n in sorted(caps) if load[n] < caps[n] and n not in chosen), None)
                 if spare is not None:
                     chosen[slot] = spare
                     load[node] -= 1

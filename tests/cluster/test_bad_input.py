@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+
 from kvclient import MAX_BATCH_KEYS, Client, ClientError, UnknownTableError
 from kvclient._connection import ERROR_METADATA_KEY
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvclient._ring import partitions_of
-
 from kvstore.launcher import LocalCluster
 
 TABLE = "strict"
@@ -43,7 +43,9 @@ GOOD = np.ones((2, 4), dtype=np.float32)
         ([1, 2], np.array([[np.inf, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32), ["NaN or inf"]),
     ],
 )
-def test_put_rejects_bad_input_and_writes_nothing(strict: Client, ids: list, vectors: np.ndarray, words: list[str]) -> None:
+def test_put_rejects_bad_input_and_writes_nothing(
+    strict: Client, ids: list, vectors: np.ndarray, words: list[str]
+) -> None:
     with pytest.raises(ClientError) as info:
         strict.put(TABLE, ids, vectors)
     for word in words:
@@ -98,14 +100,13 @@ def _raw_put(cluster: LocalCluster, kv: Client, req: pb.PutRequest, node: str | 
         first = np.frombuffer(req.ids[:8].ljust(8, b"\0"), dtype="<u8")
         part = int(partitions_of(req.table or TABLE, first, kv.view.partitions)[0])
         node = kv.view.proto.placement[part].node_ids[0]
-    with grpc.insecure_channel(kv.view.addresses[node]) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.DataStub(channel).MultiPut(req, timeout=5)
+    with grpc.insecure_channel(kv.view.addresses[node]) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.DataStub(channel).MultiPut(req, timeout=5)
     return info.value
 
 
 def _detail(err: grpc.RpcError) -> pb.Error:
-    meta = dict(err.trailing_metadata())  # type: ignore[attr-defined]
+    meta = dict(err.trailing_metadata())
     return pb.Error.FromString(meta[ERROR_METADATA_KEY])
 
 
@@ -113,12 +114,12 @@ def test_node_validates_hand_made_requests(cluster: LocalCluster, strict: Client
     ids = np.array([1], dtype="<u8").tobytes()
     short = np.ones(3, dtype="<f4").tobytes()
     err = _raw_put(cluster, strict, pb.PutRequest(table=TABLE, ids=ids, values=short, dtype=pb.FLOAT32))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "12 bytes for 1 ids" in err.details() and _detail(err).field == "vectors"  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12 bytes for 1 ids" in err.details() and _detail(err).field == "vectors"
     err = _raw_put(cluster, strict, pb.PutRequest(table=TABLE, ids=b"\x01\x02\x03", values=short))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "multiple of 8" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "multiple of 8" in err.details()
     err = _raw_put(cluster, strict, pb.PutRequest(table="missing", ids=ids))
-    assert err.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.NOT_FOUND
     assert _nothing_stored(strict, [1])
 
 
@@ -128,8 +129,10 @@ def test_node_refuses_keys_it_does_not_hold(cluster: LocalCluster, strict: Clien
     parts = partitions_of(TABLE, ids, view.partitions)
     node = view.node_ids[0]
     foreign = ids[[node not in view.proto.placement[p].node_ids for p in parts]][:1]
-    req = pb.PutRequest(table=TABLE, ids=foreign.astype("<u8").tobytes(), values=np.ones(4, "<f4").tobytes(), dtype=pb.FLOAT32)
+    req = pb.PutRequest(
+        table=TABLE, ids=foreign.astype("<u8").tobytes(), values=np.ones(4, "<f4").tobytes(), dtype=pb.FLOAT32
+    )
     err = _raw_put(cluster, strict, req, node=node)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-    assert _detail(err).epoch == view.epoch and "does not hold partition" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _detail(err).epoch == view.epoch and "does not hold partition" in err.details()
     assert _nothing_stored(strict, [int(foreign[0])])

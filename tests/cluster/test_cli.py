@@ -39,14 +39,27 @@ def test_operator_session(cluster_dir: str, tmp_path: Path) -> None:
     kvstore("table", "create", "items", "--dim", "8", "--dir", cluster_dir)
     kvstore("table", "create", "profiles", "--kind", "features", "--dir", cluster_dir)
     tables = json.loads(kvstore("table", "list", "--json", "--dir", cluster_dir).stdout)
-    assert {(t["name"], t["kind"], t["dim"]) for t in tables} == {("items", "embedding", 8), ("profiles", "features", 0)}
+    assert {(t["name"], t["kind"], t["dim"]) for t in tables} == {
+        ("items", "embedding", 8),
+        ("profiles", "features", 0),
+    }
 
     ids = np.arange(2500, dtype=np.int64)
     vectors = np.random.default_rng(1).standard_normal((2500, 8)).astype(np.float32)
     np.save(tmp_path / "ids.npy", ids)
     np.save(tmp_path / "vectors.npy", vectors)
-    kvstore("load", "items", "--ids", str(tmp_path / "ids.npy"), "--vectors", str(tmp_path / "vectors.npy"),
-            "--batch-size", "1000", "--dir", cluster_dir)
+    kvstore(
+        "load",
+        "items",
+        "--ids",
+        str(tmp_path / "ids.npy"),
+        "--vectors",
+        str(tmp_path / "vectors.npy"),
+        "--batch-size",
+        "1000",
+        "--dir",
+        cluster_dir,
+    )
 
     rows = json.loads(kvstore("get", "items", "7", "2499", "9999", "--json", "--dir", cluster_dir).stdout)
     assert [r["found"] for r in rows] == [True, True, False]
@@ -63,7 +76,9 @@ def test_operator_session(cluster_dir: str, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "dim" in bad.stdout
 
     kvstore("table", "drop", "items", "--dir", cluster_dir)
-    assert [t["name"] for t in json.loads(kvstore("table", "list", "--json", "--dir", cluster_dir).stdout)] == ["profiles"]
+    assert [t["name"] for t in json.loads(kvstore("table", "list", "--json", "--dir", cluster_dir).stdout)] == [
+        "profiles"
+    ]
 
     down = kvstore("cluster", "down", "--dir", cluster_dir)
     assert "stopped 3 node(s)" in down.stdout

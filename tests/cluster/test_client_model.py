@@ -10,8 +10,8 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from kvclient import Client
 
+from kvclient import Client
 from kvstore.launcher import LocalCluster
 
 DIM = 4

@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 import pytest
-from kvclient import AsyncClient, Client, KeyStatus
 
+from kvclient import AsyncClient, Client, KeyStatus
 from kvstore.launcher import LocalCluster
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kvclient import Client, KeyStatus, UnavailableError
 from kvclient._ring import partitions_of
-
 from kvstore.launcher import ClusterError, LocalCluster
 from tests.conftest import wait_until
 
@@ -18,7 +19,7 @@ TABLE = "durable"
 
 
 @pytest.fixture
-def cluster(tmp_path) -> Iterator[LocalCluster]:  # type: ignore[no-untyped-def]
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster of its own per test: these tests kill nodes."""
     cluster = LocalCluster.open(str(tmp_path / "c"))
     try:
@@ -46,7 +47,9 @@ def test_restarted_node_keeps_its_data_and_clients_reconnect(cluster: LocalClust
     with Client(cluster.seeds, deadline_s=10.0) as kv:
         vectors = _load(kv)
         cluster.kill("n2", sig)
-        wait_until(lambda: not cluster.running() or "n2" not in [n.node_id for n in cluster.running()], what="n2 to stop")
+        wait_until(
+            lambda: not cluster.running() or "n2" not in [n.node_id for n in cluster.running()], what="n2 to stop"
+        )
         cluster.start_node("n2", cache_bytes="16MiB")
         cluster.wait_ready("n2")
         res = kv.get(TABLE, np.arange(3000))
