@@ -15,6 +15,7 @@ cached keys).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -58,10 +59,23 @@ class DataService(pb_grpc.DataServicer):
     async def Session(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[pb.DataRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DataResponse]:
-        async for req in request_iterator:
-            resp = self.handle(req)
-            resp.request_id = req.request_id
-            yield resp
+        # Read and serve in one task, write replies from here: a reply being written does
+        # not hold up reading the next request of another caller sharing the stream.
+        replies: asyncio.Queue[pb.DataResponse | None] = asyncio.Queue()
+
+        async def serve_requests() -> None:
+            try:
+                async for req in request_iterator:
+                    replies.put_nowait(self.handle(req))
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(serve_requests())
+        try:
+            while (resp := await replies.get()) is not None:
+                yield resp
+        finally:
+            reader.cancel()
 
     async def MultiGet(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:  # noqa: N802
         resp = self.handle(pb.DataRequest(get=request))
@@ -86,22 +100,27 @@ class DataService(pb_grpc.DataServicer):
     def handle(self, req: pb.DataRequest) -> pb.DataResponse:
         """Serve one request; every failure becomes an in-band error, never an exception."""
         self.state.requests += 1
+        resp = pb.DataResponse(request_id=req.request_id)
         try:
             op = req.WhichOneof("op")
+            # Fill the reply in place: building a sub-message and assigning it copies it.
             if op == "get":
-                return pb.DataResponse(get=self._get(req.get))
-            if op == "put":
-                return pb.DataResponse(put=self._put(req.put))
-            if op == "delete":
-                return pb.DataResponse(delete=self._delete(req.delete))
-            raise ClientError("op: request carries no get, put or delete", field="op")
+                self._get(req.get, resp.get)
+            elif op == "put":
+                self._put(req.put, resp.put)
+            elif op == "delete":
+                self._delete(req.delete, resp.delete)
+            else:
+                raise ClientError("op: request carries no get, put or delete", field="op")
         except KvError as err:
             if not err.epoch:
                 err.epoch = self.state.epoch
-            return pb.DataResponse(error=err.to_proto())
+            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
         except Exception as exc:  # a bug must not kill the stream for everyone on it
             log.exception("request failed node=%s", self.state.node_id)
-            return pb.DataResponse(error=ServerError(f"node {self.state.node_id}: {exc!r}").to_proto())
+            err = ServerError(f"node {self.state.node_id}: {exc!r}")
+            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
+        return resp
 
     def _route(
         self, table: str, ids_buf: bytes
@@ -113,16 +132,21 @@ class DataService(pb_grpc.DataServicer):
         local.check_owned(parts)
         return local, schema, ids, parts
 
-    def _get(self, req: pb.GetRequest) -> pb.GetResponse:
+    def _get(self, req: pb.GetRequest, out: pb.GetResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
         store = self.state.store
+        out.epoch = local.epoch
         if schema.kind == pb.FEATURES:
             found, records = store.get_records(schema, ids, parts)
-            return pb.GetResponse(found=found.tobytes(), records=records, epoch=local.epoch)
+            out.found = found.tobytes()
+            out.records.extend(records)
+            return
         found, rows = store.get_vectors(schema, ids, parts)
-        return pb.GetResponse(found=found.tobytes(), values=rows.tobytes(), dtype=schema.dtype, epoch=local.epoch)
+        out.found = found.tobytes()
+        out.values = rows.tobytes()
+        out.dtype = schema.dtype
 
-    def _put(self, req: pb.PutRequest) -> pb.PutResponse:
+    def _put(self, req: pb.PutRequest, out: pb.PutResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
         count = len(ids)
         store = self.state.store
@@ -130,13 +154,13 @@ class DataService(pb_grpc.DataServicer):
             if len(req.records) != count:
                 raise ClientError(f"records: {len(req.records)} records for {count} ids", field="records")
             check_records(req.records)
-            written = store.put_records(schema, ids, parts, list(req.records))
+            out.written = store.put_records(schema, ids, parts, list(req.records))
         else:
             rows = decode_vectors(schema, req.values, req.dtype, count)
-            written = store.put_vectors(schema, ids, parts, rows)
-        return pb.PutResponse(written=written, epoch=local.epoch)
+            out.written = store.put_vectors(schema, ids, parts, rows)
+        out.epoch = local.epoch
 
-    def _delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+    def _delete(self, req: pb.DeleteRequest, out: pb.DeleteResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
-        deleted = self.state.store.delete(schema, ids, parts)
-        return pb.DeleteResponse(deleted=deleted, epoch=local.epoch)
+        out.deleted = self.state.store.delete(schema, ids, parts)
+        out.epoch = local.epoch

@@ -187,8 +187,14 @@ class LocalCluster:
             os.kill(node.pid, sig)
 
     def down(self, timeout_s: float = 10.0) -> list[str]:
-        """Stop every running node (SIGTERM, then SIGKILL after `timeout_s`); return their ids."""
+        """Stop every running node (SIGTERM, then SIGKILL after `timeout_s`); return their ids.
+
+        Also stops nodes of this folder that another `LocalCluster` object started (as
+        recorded in the state file).
+        """
         live = self.running()
+        known = {n.pid for n in live}
+        live += [n for n in LocalCluster.open(self.root).running() if n.pid not in known]
         for node in live:
             os.kill(node.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s

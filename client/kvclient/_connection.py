@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
 from typing import Literal
 
 import grpc
@@ -69,7 +68,8 @@ class NodeConnection:
         self.admin = pb_grpc.AdminStub(self._channel)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[pb.DataResponse]] = {}
-        self._outbox: asyncio.Queue[pb.DataRequest | None] | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._write_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -97,34 +97,34 @@ class NodeConnection:
         return resp
 
     async def _streamed(self, req: pb.DataRequest, timeout_s: float) -> pb.DataResponse:
-        outbox = self._ensure_stream()
+        call = self._ensure_stream()
         req.request_id = next(self._ids)
         fut: asyncio.Future[pb.DataResponse] = asyncio.get_running_loop().create_future()
         self._pending[req.request_id] = fut
-        outbox.put_nowait(req)
         try:
+            async with self._write_lock:  # gRPC allows one message in flight per call
+                await call.write(req)
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             raise DeadlineExceededError(f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms") from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            if fut.done():  # the reader saw the stream fail and set the reason
+                return await fut
+            raise UnavailableError(f"node {self.label}: stream closed") from None
         finally:
             self._pending.pop(req.request_id, None)
 
-    def _ensure_stream(self) -> asyncio.Queue[pb.DataRequest | None]:
-        if self._outbox is None:
-            self._outbox = asyncio.Queue()
-            call = self._data.Session(self._drain(self._outbox))
-            self._reader = asyncio.create_task(self._read(call, self._outbox))
-        return self._outbox
+    def _ensure_stream(self) -> grpc.aio.StreamStreamCall:
+        if self._call is None:
+            call = self._data.Session()
+            self._call = call
+            self._reader = asyncio.create_task(self._read(call))
+        return self._call
 
-    @staticmethod
-    async def _drain(outbox: asyncio.Queue[pb.DataRequest | None]) -> AsyncIterator[pb.DataRequest]:
-        while (req := await outbox.get()) is not None:
-            yield req
-
-    async def _read(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.DataRequest | None]) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         failure: KvError = UnavailableError(f"node {self.label}: stream closed")
         try:
-            async for resp in call:
+            while (resp := await call.read()) is not grpc.aio.EOF:
                 fut = self._pending.get(resp.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(resp)
@@ -134,9 +134,9 @@ class NodeConnection:
         except asyncio.CancelledError:
             failure = UnavailableError(f"node {self.label}: connection closed")
         finally:
-            if self._outbox is outbox:
-                self._outbox = None
-            outbox.put_nowait(None)  # end the request generator of the dead stream
+            if self._call is call:
+                self._call = None
+            call.cancel()
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(failure)
@@ -154,8 +154,6 @@ class NodeConnection:
 
     async def close(self) -> None:
         """Close the stream and the channel; pending requests fail with `UnavailableError`."""
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

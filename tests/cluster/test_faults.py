@@ -62,10 +62,13 @@ def test_whole_cluster_restart_keeps_tables_and_data(cluster: LocalCluster) -> N
         vectors = _load(kv)
     cluster.down()
     reopened = LocalCluster.open(cluster.root)
-    seeds = reopened.up(3)
-    with Client(seeds) as kv:
-        assert [t.name for t in kv.list_tables()] == [TABLE]
-        np.testing.assert_array_equal(kv.get(TABLE, np.arange(3000)).values, vectors)
+    try:
+        seeds = reopened.up(3)
+        with Client(seeds) as kv:
+            assert [t.name for t in kv.list_tables()] == [TABLE]
+            np.testing.assert_array_equal(kv.get(TABLE, np.arange(3000)).values, vectors)
+    finally:
+        reopened.down()
 
 
 def test_down_node_gives_unavailable_naming_it_within_the_deadline(cluster: LocalCluster) -> None:
