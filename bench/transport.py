@@ -47,8 +47,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from hdrh.histogram import HdrHistogram
-from kvclient import AsyncClient, Client
 
+from kvclient import AsyncClient, Client
 from kvstore.launcher import MALLOC_ENV, LocalCluster
 
 TABLE = "bench_transport"
@@ -182,8 +182,12 @@ def run_slice(
     variant.client_cpu_s += self1 - self0
     variant.checked += 1
     variant.slices.append(
-        {"requests": count, "wall_s": round(wall, 4), "server_cpu_s": round(server, 3),
-         "client_cpu_s": round(self1 - self0, 4)}
+        {
+            "requests": count,
+            "wall_s": round(wall, 4),
+            "server_cpu_s": round(server, 3),
+            "client_cpu_s": round(self1 - self0, 4),
+        }
     )
 
 
@@ -246,7 +250,7 @@ def load(kv: Client, keys: int, dim: int) -> tuple[npt.NDArray[np.float32], floa
 async def _open_aio(seeds: list[str]) -> dict[str, AsyncClient]:
     out = {}
     for t in TRANSPORTS:
-        kv = AsyncClient(seeds, deadline_s=10.0, transport=t)  # type: ignore[arg-type]
+        kv = AsyncClient(seeds, deadline_s=10.0, transport=t)
         await kv.connect()
         out[t] = kv
     return out
@@ -269,12 +273,16 @@ def ensure_malloc_env(enabled: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nodes", type=int, choices=[1, 3], default=3, help="node processes to start (default 3)")
     p.add_argument("--keys", type=int, default=200_000, help="keys to load (default 200,000)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension (float32; default 64)")
     p.add_argument("--ks", default="100,1000", help="batch sizes, comma-separated (default 100,1000)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"client modes, comma-separated (default {','.join(MODES)})")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"client modes, comma-separated (default {','.join(MODES)})"
+    )
     p.add_argument("--concurrency", type=int, default=8, help="callers in the aio-c8 mode (default 8)")
     p.add_argument("--slice-s", type=float, default=1.0, help="seconds per variant per round (default 1.0)")
     p.add_argument("--rounds", type=int, default=5, help="rounds through all variants (default 5)")
@@ -314,8 +322,13 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['keys_per_s'] / 1e6:.2f}M | {r['server_cpu_us_per_req']:.0f} | {r['client_cpu_us_per_req']:.0f} "
             f"| {r['requests']:,} |"
         )
-    lines += ["", "stream ÷ unary (below 1 is better for latency and CPU, above 1 for throughput):", "",
-              "| K | client | p50 | p99 | req/s | server CPU/req | client CPU/req |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "stream ÷ unary (below 1 is better for latency and CPU, above 1 for throughput):",
+        "",
+        "| K | client | p50 | p99 | req/s | server CPU/req | client CPU/req |",
+        "|---|---|---|---|---|---|---|",
+    ]
     by = {(r["k"], r["mode"], r["transport"]): r for r in results}
     for k in meta["ks"]:
         for mode in meta["modes"]:
@@ -351,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         pids = [n.pid for n in cluster.nodes]
         print(f"serving at {','.join(seeds)} (pids {pids})", flush=True)
         for t in TRANSPORTS:
-            sync[t] = Client(seeds, deadline_s=10.0, transport=t)  # type: ignore[arg-type]
+            sync[t] = Client(seeds, deadline_s=10.0, transport=t)
             sync[t].connect()
         vectors, load_s = load(sync["stream"], args.keys, args.dim)
         print(f"loaded {args.keys:,} keys x {args.dim} in {load_s:.1f} s", flush=True)
@@ -378,12 +391,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         results = [v.summary() for v in variants]
         meta = {
-            "nodes": args.nodes, "keys": args.keys, "dim": args.dim, "ks": args.ks, "modes": args.modes,
-            "concurrency": args.concurrency, "slice_s": args.slice_s, "rounds": args.rounds,
-            "rounds_done": rounds_done, "warmup_s": args.warmup_s, "load_s": round(load_s, 2),
+            "nodes": args.nodes,
+            "keys": args.keys,
+            "dim": args.dim,
+            "ks": args.ks,
+            "modes": args.modes,
+            "concurrency": args.concurrency,
+            "slice_s": args.slice_s,
+            "rounds": args.rounds,
+            "rounds_done": rounds_done,
+            "warmup_s": args.warmup_s,
+            "load_s": round(load_s, 2),
             "client_malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
-            "malloc_env": MALLOC_ENV, "cores": os.cpu_count(), "python": platform.python_version(),
-            "grpcio": grpc.__version__, "numpy": np.__version__, "loadavg_end": os.getloadavg(),
+            "malloc_env": MALLOC_ENV,
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "numpy": np.__version__,
+            "loadavg_end": os.getloadavg(),
             "total_s": round(time.monotonic() - started, 1),
         }
         print()

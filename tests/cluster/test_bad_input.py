@@ -35,7 +35,7 @@ GOOD = np.ones((2, 4), dtype=np.float32)
         ([1, 2], np.ones((2, 3), dtype=np.float32), ["dim 3 != 4", "strict"]),
         ([1, 2], np.ones((3, 4), dtype=np.float32), ["3 rows for 2 ids"]),
         ([1, 2], np.array([["a"] * 4] * 2), ["vectors", "not numeric"]),
-        ([1.5, 2.0], GOOD, ["ids", "not an integer"]),
+        ([1.5, 2.0], GOOD, ["ids", "integer"]),
         ([[1, 2]], GOOD, ["ids", "1-D"]),
         ([-1, 2], GOOD, ["ids", "negative"]),
         ([], np.ones((0, 4), dtype=np.float32), ["ids", "empty"]),
