@@ -49,10 +49,11 @@ import numpy.typing as npt
 from hdrh.histogram import HdrHistogram
 
 from kvclient import AsyncClient, Client
+from kvclient._connection import Transport
 from kvstore.launcher import MALLOC_ENV, LocalCluster
 
 TABLE = "bench_transport"
-TRANSPORTS = ("unary", "stream")
+TRANSPORTS: tuple[Transport, ...] = ("unary", "stream")
 MODES = ("sync-c1", "aio-c1", "aio-c8")
 MAX_REQUESTS_PER_SLICE = 200_000  # a hard cap next to the time bound
 _REEXEC_MARK = "KVSTORE_BENCH_REEXEC"

@@ -118,8 +118,8 @@ class DataService(pb_grpc.DataServicer):
             resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
         except Exception as exc:  # a bug must not kill the stream for everyone on it
             log.exception("request failed node=%s", self.state.node_id)
-            err = ServerError(f"node {self.state.node_id}: {exc!r}")
-            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
+            bug = ServerError(f"node {self.state.node_id}: {exc!r}")
+            resp = pb.DataResponse(request_id=req.request_id, error=bug.to_proto())
         return resp
 
     def _route(
