@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import cast
 
 import rocksdict as rd
 
@@ -66,8 +67,8 @@ class RocksEngine:
         cf = self._cfs.get(partition)
         if cf is None:
             return [None] * len(keys)
-        values: list[bytes | None] = cf[list(keys)]
-        return values
+        # rocksdict's stub types a multi-get as Any | None; with a list of keys it is a list.
+        return cast("list[bytes | None]", cf[list(keys)])
 
     def write(self, partition: int, keys: Sequence[bytes], values: Sequence[bytes | None]) -> None:
         self._open_cf(partition)
@@ -82,7 +83,9 @@ class RocksEngine:
 
     def delete_range(self, partition: int, begin: bytes, end: bytes) -> None:
         cf = self._cfs.get(partition)
-        if cf is not None:
+        # begin > end is an empty range here; RocksDB refuses it, and rocksdict then keeps
+        # failing every later call on the database with the same error.
+        if cf is not None and begin < end:
             cf.delete_range(begin, end)
 
     def partitions(self) -> list[int]:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from kvclient._codec import NUMPY_DTYPES
 from kvclient._proto import kvstore_pb2 as pb
-
 from kvstore.engine import Engine
 from kvstore.lru import RecordCache, VectorCache
 
@@ -118,9 +118,7 @@ class Store:
     @property
     def cache_bytes(self) -> int:
         with self._lock:
-            return sum(c.size_bytes for c in self._vectors.values()) + sum(
-                c.size_bytes for c in self._records.values()
-            )
+            return sum(c.size_bytes for c in self._vectors.values()) + sum(c.size_bytes for c in self._records.values())
 
     # ---- reads ----
 
@@ -189,7 +187,11 @@ class Store:
     # ---- writes ----
 
     def put_vectors(
-        self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp], rows: npt.NDArray[np.generic]
+        self,
+        table: pb.TableSchema,
+        ids: npt.NDArray[np.uint64],
+        parts: npt.NDArray[np.intp],
+        rows: npt.NDArray[np.generic],
     ) -> int:
         """Write rows (stored dtype) atomically per partition; a later duplicate id wins."""
         keep = last_occurrence(ids)

@@ -86,9 +86,7 @@ class VectorMerge:
         return self.values[inverse], self.status[inverse]
 
 
-def choose_replicas(
-    replica_index: npt.NDArray[np.intp], node_cost: npt.NDArray[np.float64]
-) -> npt.NDArray[np.intp]:
+def choose_replicas(replica_index: npt.NDArray[np.intp], node_cost: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
     """Return, per partition, the replica node with the lowest cost (ties: earlier replica).
 
     `node_cost[n]` is a node's current cost (in-flight requests; +inf when marked down).
