@@ -3,11 +3,13 @@
 `VectorCache` keeps fixed-size rows in one preallocated numpy slab and evicts with CLOCK
 (second chance), the LRU approximation of PostgreSQL's buffer pool and Linux's page cache:
 a hit only sets a bit, so a batch of hits is one vectorised store instead of a per-key
-reordering, and a gather of 1,000 rows is one fancy index (`performance-floors.md`: ~30x
-cheaper than rocksdict). `RecordCache` is an exact LRU of variable-size byte strings.
+reordering, a batch lookup is a few numpy passes over an `IdIndex`, and a gather of 1,000
+rows is one fancy index (`performance-floors.md`: ~30x cheaper than rocksdict).
+`RecordCache` is an exact LRU of variable-size byte strings.
 
-Accounting: every entry is charged its payload plus `ENTRY_OVERHEAD_BYTES` for the index
-(a dict slot and its int key), and the slab is sized so that its full capacity fits the
+Accounting: every entry is charged its payload plus `ENTRY_OVERHEAD_BYTES`, an upper bound
+of its index cost (a dict entry and its int key for records; at most ~80 bytes of id index,
+slot key and flags for vectors), and the slab is sized so that its full capacity fits the
 budget: `size_bytes <= budget_bytes` always. Not thread-safe: `Store` serialises access.
 """
 
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
+
+from kvstore.id_index import IdIndex
 
 ENTRY_OVERHEAD_BYTES = 112
 _MIN_WINDOW = 1024
@@ -37,22 +40,20 @@ class VectorCache:
         self._key_of = np.zeros(self.capacity, dtype=np.uint64)
         self._used = np.zeros(self.capacity, dtype=np.bool_)
         self._ref = np.zeros(self.capacity, dtype=np.bool_)
-        self._slot_of: dict[int, int] = {}
+        self._index = IdIndex(self.capacity)  # id -> slot
         self._hand = 0
         self._fill = 0
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._index)
 
     @property
     def size_bytes(self) -> int:
-        return len(self._slot_of) * (self.row_bytes + ENTRY_OVERHEAD_BYTES)
+        return len(self._index) * (self.row_bytes + ENTRY_OVERHEAD_BYTES)
 
     def lookup(self, ids: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
         """Return each id's slot (-1 where absent) and mark the hits as recently used."""
-        if not self._slot_of:
-            return np.full(len(ids), -1, dtype=np.intp)
-        slots = np.fromiter(map(self._slot_of.get, ids.tolist(), repeat(-1)), dtype=np.intp, count=len(ids))
+        slots = self._index.get(ids).astype(np.intp, copy=False)
         self._ref[slots[slots >= 0]] = True
         return slots
 
@@ -77,19 +78,18 @@ class VectorCache:
             self._slab[fresh] = rows[new]
             self._key_of[fresh] = new_ids
             self._used[fresh] = True
-            self._slot_of.update(zip(new_ids.tolist(), fresh.tolist(), strict=True))
+            self._index.put(new_ids, fresh.astype(np.int64))
 
     def discard(self, ids: npt.NDArray[np.uint64]) -> None:
         """Forget `ids` (absent ids are ignored)."""
-        pop = self._slot_of.pop
-        for key in ids.tolist():
-            slot = pop(key, None)
-            if slot is not None:
-                self._used[slot] = False
-                self._ref[slot] = False
+        slots = self._index.get(ids)
+        gone = slots[slots >= 0]
+        self._index.delete(ids)
+        self._used[gone] = False
+        self._ref[gone] = False
 
     def clear(self) -> None:
-        self._slot_of.clear()
+        self._index.clear()
         self._used[:] = False
         self._ref[:] = False
         self._hand = self._fill = 0
@@ -130,9 +130,7 @@ class VectorCache:
 
     def _evict(self, slots: npt.NDArray[np.intp]) -> None:
         live = slots[self._used[slots]]
-        pop = self._slot_of.pop
-        for key in self._key_of[live].tolist():
-            pop(key, None)
+        self._index.delete(self._key_of[live])
         self._used[live] = False
 
 
