@@ -280,7 +280,7 @@ class AsyncClient:
             found = np.frombuffer(resp.get.found, dtype=np.bool_)
             rows = np.frombuffer(resp.get.values, dtype=NUMPY_DTYPES[resp.get.dtype])
             merge.add(positions, found, rows.reshape(-1, schema.dim))
-        values, status = merge.result(uniq.inverse)
+        values, status = merge.result(uniq)
         return GetResult(values=values, found=status == KeyStatus.FOUND, status=status)
 
     async def put(self, table: str, ids: Any, vectors: Any, *, deadline_s: float | None = None) -> int:
@@ -340,9 +340,9 @@ class AsyncClient:
             status[positions] = np.where(found, KeyStatus.FOUND, KeyStatus.MISSING)
             for pos, raw in zip(positions[found], resp.get.records, strict=True):
                 records[pos] = unpack_record(raw)
-        out_status = status[uniq.inverse]
+        out_status = uniq.expand(status)
         return FeaturesResult(
-            records=[records[i] for i in uniq.inverse],
+            records=records if uniq.inverse is None else [records[i] for i in uniq.inverse],
             found=out_status == KeyStatus.FOUND,
             status=out_status,
         )

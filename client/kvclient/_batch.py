@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from kvclient._codec import IdArray
 from kvclient._ring import partitions_of
+
+T = TypeVar("T", bound=np.generic)
 
 
 class KeyStatus(IntEnum):
@@ -33,14 +36,25 @@ class NodeGroup:
 
 @dataclass(frozen=True)
 class UniqueIds:
-    """The distinct ids of a batch and how to expand answers back to the caller's order."""
+    """The distinct ids of a batch and how to expand answers back to the caller's order.
+
+    `inverse` is None when the batch had no duplicates: then `ids` is the batch itself, in
+    the caller's order, and expanding is free.
+    """
 
     ids: IdArray
-    inverse: npt.NDArray[np.intp]
+    inverse: npt.NDArray[np.intp] | None
+
+    def expand(self, per_unique: npt.NDArray[T]) -> npt.NDArray[T]:
+        """Return `per_unique` (one entry per distinct id) in the caller's order."""
+        return per_unique if self.inverse is None else per_unique[self.inverse]
 
 
 def dedupe(ids: IdArray) -> UniqueIds:
-    """Return the distinct ids (sorted) and the inverse index into them."""
+    """Return the distinct ids and the inverse index into them (None without duplicates)."""
+    ordered = np.sort(ids)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return UniqueIds(ids=ids, inverse=None)
     uniq, inverse = np.unique(ids, return_inverse=True)
     return UniqueIds(ids=uniq, inverse=inverse.astype(np.intp, copy=False))
 
@@ -59,12 +73,11 @@ def group_by_node(
     parts = partitions_of(table, ids[positions], partitions)
     nodes = node_of_partition[parts]
     order = np.argsort(nodes, kind="stable")
-    sorted_nodes = nodes[order]
-    bounds = np.flatnonzero(np.diff(sorted_nodes)) + 1
+    counts = np.bincount(nodes, minlength=1)
+    ends = np.cumsum(counts)
     return [
-        NodeGroup(node=int(sorted_nodes[chunk[0]]), positions=positions[order[chunk]])
-        for chunk in np.split(np.arange(len(order)), bounds)
-        if len(chunk)
+        NodeGroup(node=node, positions=positions[order[ends[node] - counts[node] : ends[node]]])
+        for node in np.flatnonzero(counts).tolist()
     ]
 
 
@@ -72,8 +85,8 @@ class VectorMerge:
     """Accumulates per-node embedding answers for the unique ids of one batch."""
 
     def __init__(self, count: int, default: npt.NDArray[np.float32]) -> None:
+        self.default = default
         self.values = np.empty((count, default.shape[0]), dtype=np.float32)
-        self.values[:] = default
         self.status = np.full(count, KeyStatus.ERROR, dtype=np.uint8)
 
     def add(self, positions: npt.NDArray[np.intp], found: npt.NDArray[np.bool_], rows: npt.NDArray[np.generic]) -> None:
@@ -81,9 +94,12 @@ class VectorMerge:
         self.status[positions] = np.where(found, KeyStatus.FOUND, KeyStatus.MISSING)
         self.values[positions[found]] = rows
 
-    def result(self, inverse: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-        """Return (values, status) expanded to the caller's order (duplicates included)."""
-        return self.values[inverse], self.status[inverse]
+    def result(self, unique: UniqueIds) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+        """Return (values, status) in the caller's order; rows not found get the default."""
+        unfilled = self.status != KeyStatus.FOUND
+        if unfilled.any():
+            self.values[unfilled] = self.default
+        return unique.expand(self.values), unique.expand(self.status)
 
 
 def choose_replicas(replica_index: npt.NDArray[np.intp], node_cost: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvclient._batch import KeyStatus, VectorMerge, choose_replicas, dedupe, group_by_node
+from kvclient._batch import KeyStatus, UniqueIds, VectorMerge, choose_replicas, dedupe, group_by_node
 from kvclient._ring import partitions_of
 
 DIM = 3
@@ -28,11 +28,13 @@ def routing(data: st.DataObject) -> tuple[int, np.ndarray]:
 
 
 @given(ids=small_ids)
-def test_dedupe_gives_sorted_distinct_ids_and_an_inverse(ids: list[int]) -> None:
+def test_dedupe_gives_distinct_ids_that_expand_back_to_the_batch(ids: list[int]) -> None:
     arr = np.array(ids, dtype=np.uint64)
     uniq = dedupe(arr)
-    assert uniq.ids.tolist() == sorted(set(ids))
-    assert uniq.ids[uniq.inverse].tolist() == ids
+    assert sorted(uniq.ids.tolist()) == sorted(set(ids))
+    assert uniq.expand(uniq.ids).tolist() == ids
+    if len(set(ids)) == len(ids):
+        assert uniq.inverse is None and uniq.ids is arr  # no duplicates: no copy, no gather
 
 
 @given(ids=small_ids, data=st.data())
@@ -79,7 +81,7 @@ def test_split_and_merge_equals_the_dict_model(ids: list[int], stored: dict[int,
         found = np.array([k in model for k in keys], dtype=np.bool_)
         rows = np.array([model[k] for k in keys if k in model], dtype=np.float32).reshape(-1, DIM)
         merge.add(group.positions, found, rows)
-    values, status = merge.result(uniq.inverse)
+    values, status = merge.result(uniq)
 
     assert values.shape == (len(ids), DIM)
     for i, key in enumerate(ids):
@@ -97,7 +99,7 @@ def test_split_and_merge_equals_the_dict_model(ids: list[int], stored: dict[int,
 def test_vector_merge_casts_float16_rows_to_float32() -> None:
     merge = VectorMerge(2, np.zeros(2, dtype=np.float32))
     merge.add(np.array([1, 0]), np.array([True, False]), np.array([[1.5, -2.0]], dtype=np.float16))
-    values, status = merge.result(np.array([0, 1, 1]))
+    values, status = merge.result(UniqueIds(ids=np.array([5, 6], dtype=np.uint64), inverse=np.array([0, 1, 1])))
     assert values.dtype == np.float32
     assert values.tolist() == [[0.0, 0.0], [1.5, -2.0], [1.5, -2.0]]
     assert status.tolist() == [KeyStatus.MISSING, KeyStatus.FOUND, KeyStatus.FOUND]
