@@ -7,7 +7,7 @@ bytes. Implementations are not thread-safe on their own: `Store` serialises acce
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 
@@ -24,6 +24,13 @@ class Engine(Protocol):
 
     def delete_range(self, partition: int, begin: bytes, end: bytes) -> None:
         """Delete every key k with begin <= k < end."""
+        ...
+
+    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        """Return an iterator over a partition's (key, value) pairs in key order.
+
+        The view is fixed when this call returns: later writes are not seen.
+        """
         ...
 
     def partitions(self) -> list[int]:
@@ -65,6 +72,9 @@ class MemEngine:
         part = self._parts.get(partition, {})
         for key in [k for k in part if begin <= k < end]:
             del part[key]
+
+    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        return iter(sorted(self._parts.get(partition, {}).items()))
 
     def partitions(self) -> list[int]:
         return sorted(self._parts)

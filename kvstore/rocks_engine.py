@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import cast
 
 import rocksdict as rd
@@ -87,6 +87,13 @@ class RocksEngine:
         # failing every later call on the database with the same error.
         if cf is not None and begin < end:
             cf.delete_range(begin, end)
+
+    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        # A RocksDB iterator reads from an implicit snapshot taken when it is created, here.
+        cf = self._cfs.get(partition)
+        if cf is None:
+            return iter(())
+        return cast(Iterator[tuple[bytes, bytes]], iter(cf.items()))
 
     def partitions(self) -> list[int]:
         return sorted(self._cfs)

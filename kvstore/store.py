@@ -15,7 +15,9 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 _KEY_DTYPE = np.dtype([("table", ">u4"), ("id", ">u8")])
 KEY_BYTES = _KEY_DTYPE.itemsize
+# Table id 0 is never handed out, so its key range holds a partition's own bookkeeping.
+APPLIED_KEY = b"\x00\x00\x00\x00applied"
+SNAPSHOT_VERSION = 1
 
 
 def encode_keys(table_id: int, ids: npt.NDArray[np.uint64]) -> list[bytes]:
@@ -238,6 +243,109 @@ class Store:
         for partition, sel in split_by_partition(parts):
             self.engine.write(partition, [keys[i] for i in sel], [values[i] for i in sel])
         self.stats.keys_written += len(ids)
+
+    # ---- replicated apply path ----
+
+    def applied_index(self, partition: int) -> int:
+        """Return the last replicated log index applied to `partition` (0 if none)."""
+        with self._lock:
+            return self._applied_locked(partition)
+
+    def _applied_locked(self, partition: int) -> int:
+        raw = self.engine.multi_get(partition, [APPLIED_KEY])[0]
+        return int.from_bytes(raw, "big") if raw else 0
+
+    def apply_batch(
+        self,
+        partition: int,
+        table_id: int,
+        put_ids: npt.NDArray[np.uint64],
+        put_values: Sequence[bytes],
+        delete_ids: npt.NDArray[np.uint64],
+        index: int,
+    ) -> bool:
+        """Apply one replicated batch unless `index` is already applied; return whether it was.
+
+        Puts, then deletes, then the new applied index go into one engine write, so a crash
+        leaves either all of it or none, and a replay after restart is a no-op. The table's
+        cache is updated in the same critical section when the table is known here.
+        """
+        with self._lock:
+            if index <= self._applied_locked(partition):
+                return False
+            keys = encode_keys(table_id, put_ids) + encode_keys(table_id, delete_ids) + [APPLIED_KEY]
+            values: list[bytes | None] = [*put_values, *([None] * len(delete_ids)), index.to_bytes(8, "big")]
+            self.engine.write(partition, keys, values)
+            self.stats.keys_written += len(put_ids) + len(delete_ids)
+            self._update_cache_locked(table_id, put_ids, put_values, delete_ids)
+            return True
+
+    def _update_cache_locked(
+        self,
+        table_id: int,
+        put_ids: npt.NDArray[np.uint64],
+        put_values: Sequence[bytes],
+        delete_ids: npt.NDArray[np.uint64],
+    ) -> None:
+        keep = last_occurrence(put_ids) if len(put_ids) else np.empty(0, dtype=np.intp)
+        kept_ids = put_ids[keep]
+        if table_id in self._vectors:
+            cache = self._vectors[table_id]
+            if len(keep):
+                rows = np.frombuffer(b"".join(put_values[i] for i in keep), dtype=np.uint8)
+                cache.insert(kept_ids, rows.reshape(len(keep), cache.row_bytes))
+            cache.discard(delete_ids)
+        elif table_id in self._records:
+            self._records[table_id].insert(kept_ids, [put_values[i] for i in keep])
+            self._records[table_id].discard(delete_ids)
+
+    def dump_partition(self, partition: int, out: BinaryIO) -> int:
+        """Write a self-contained snapshot of `partition` to `out`; return its applied index.
+
+        Reads from one engine iterator without holding the store lock, so applies go on.
+        The applied index is read first: the data may include later entries, which is safe
+        because replaying puts and deletes of whole rows from that index converges.
+        """
+        with self._lock:
+            applied = self._applied_locked(partition)
+            items = self.engine.items(partition)
+        packer = msgpack.Packer(use_bin_type=True)
+        out.write(packer.pack({"v": SNAPSHOT_VERSION, "partition": partition, "applied": applied}))
+        for key, value in items:
+            if key != APPLIED_KEY:
+                out.write(packer.pack((key, value)))
+        return applied
+
+    def restore_partition(self, partition: int, inp: BinaryIO) -> int:
+        """Replace `partition` with the snapshot in `inp`; return its applied index.
+
+        Raises ValueError for a snapshot of another partition or format. The partition's
+        cached rows of every table are dropped.
+        """
+        unpacker = msgpack.Unpacker(inp, raw=False, max_buffer_size=0)
+        header = next(unpacker, None)
+        if not isinstance(header, dict) or header.get("v") != SNAPSHOT_VERSION or header.get("partition") != partition:
+            raise ValueError(
+                f"snapshot: not a version {SNAPSHOT_VERSION} snapshot of partition {partition}: {header!r}"
+            )
+        with self._lock:
+            self.engine.drop_partition(partition)
+            batch_keys: list[bytes] = []
+            batch_values: list[bytes | None] = []
+            for key, value in unpacker:
+                batch_keys.append(key)
+                batch_values.append(value)
+                if len(batch_keys) >= 10_000:
+                    self.engine.write(partition, batch_keys, batch_values)
+                    batch_keys, batch_values = [], []
+            applied = int(header["applied"])
+            self.engine.write(partition, [*batch_keys, APPLIED_KEY], [*batch_values, applied.to_bytes(8, "big")])
+            # Cheaper than finding this partition's rows; reads refill the caches.
+            for vectors in self._vectors.values():
+                vectors.clear()
+            for records in self._records.values():
+                records.clear()
+            return applied
 
     def close(self) -> None:
         with self._lock:
