@@ -135,15 +135,16 @@ class Store:
             cache = self._vectors[table.table_id]
             slots = cache.lookup(ids)
             found = slots >= 0
-            rows = np.empty((len(ids), cache.row_bytes), dtype=np.uint8)
-            rows[found] = cache.rows(slots[found])
             misses = np.flatnonzero(~found)
             self._count_reads(len(ids), len(misses))
-            if len(misses):
-                self._read_misses(table, ids, parts, misses, found, rows)
-                fetched = misses[found[misses]]
-                _, first = np.unique(ids[fetched], return_index=True)  # the cache takes unique ids
-                cache.insert(ids[fetched[first]], rows[fetched[first]])
+            if not len(misses):  # the hot path: one gather, no masks
+                return found, cache.rows(slots)
+            rows = np.empty((len(ids), cache.row_bytes), dtype=np.uint8)
+            rows[found] = cache.rows(slots[found])
+            self._read_misses(table, ids, parts, misses, found, rows)
+            fetched = misses[found[misses]]
+            _, first = np.unique(ids[fetched], return_index=True)  # the cache takes unique ids
+            cache.insert(ids[fetched[first]], rows[fetched[first]])
             return found, rows[found]
 
     def _read_misses(
