@@ -461,7 +461,7 @@ async def micro(kv: AsyncClient, s: Setup, reps: int) -> dict[str, float]:
             found = np.frombuffer(resp.get.found, dtype=np.bool_)
             rows = np.frombuffer(resp.get.values, dtype=NUMPY_DTYPES[resp.get.dtype])
             merge.add(g.positions, found, rows.reshape(-1, schema.dim))
-        values, status = merge.result(uniq.inverse)
+        values, status = merge.result(uniq)
         return GetResult(values=values, found=status == KeyStatus.FOUND, status=status)
 
     got = merge_all()

@@ -249,7 +249,7 @@ def load(kv: Client, keys: int, dim: int) -> tuple[npt.NDArray[np.float32], floa
 
 
 async def _open_aio(seeds: list[str]) -> dict[str, AsyncClient]:
-    out = {}
+    out: dict[str, AsyncClient] = {}
     for t in TRANSPORTS:
         kv = AsyncClient(seeds, deadline_s=10.0, transport=t)
         await kv.connect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from kvclient import Client
 from kvclient._clustermap import ClusterView
 from kvclient._proto import kvstore_pb2 as pb
