@@ -1,0 +1,257 @@
+"""Replicator nodes in child processes (so kill -9 is real), driven over a pipe.
+
+`NodeProc` starts one node process; `RaftCluster` starts several, opens groups on all of
+them and always stops every process (kill -9 as the last resort) in `close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from tests.conftest import wait_until
+
+_CTX = mp.get_context("spawn")
+TEST_CONFIG: dict[str, Any] = {"balance_leaders": False}
+
+
+def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dict[str, Any]) -> None:
+    """Child process: run a replicator and answer requests until told to exit (or killed)."""
+    from kvstore.replication import NodeId
+    from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
+    from tests.replication.sm import RecordingStateMachine
+
+    logging.basicConfig(
+        filename=os.path.join(data_dir, "node.log"),
+        level=logging.INFO,
+        format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s",
+    )
+    config = dict(config)
+    sm = RecordingStateMachine(
+        os.path.join(data_dir, "sm"),
+        snapshot_delay_s=config.pop("snapshot_delay_s", 0.0),
+        restore_delay_s=config.pop("restore_delay_s", 0.0),
+    )
+    rep = PySyncObjReplicator(NodeId(node_id), PySyncObjConfig(data_dir=data_dir, port=port, **config), sm)
+    rep.start()
+    conn.send(rep.address)
+    handlers: dict[str, Callable[..., Any]] = {
+        "add_group": lambda p, members: bool(rep.add_group(p, members)),
+        "remove_group": lambda p: rep.remove_group(p),
+        "propose": lambda p, cmd, timeout_s: rep.group(p).propose(cmd, timeout_s),
+        "status": lambda p: rep.group(p).status(),
+        "is_leader": lambda p: rep.group(p).is_leader(),
+        "leaders": lambda: [p for p in rep.partitions() if rep.group(p).is_leader()],
+        "entries": lambda p: sm.entries(p),
+        "applied": lambda p: sm.applied_index(p),
+        "add_member": lambda p, node, address: rep.group(p).add_member(node, address),
+        "remove_member": lambda p, node: rep.group(p).remove_member(node),
+        "transfer": lambda p, node: rep.group(p).transfer_leadership(node),
+        "wait_caught_up": lambda p, node: rep.group(p).wait_caught_up(node, timeout_s=30),
+        "block": lambda nodes: rep.set_blocked_peers(set(nodes)),
+        "compact": lambda p: rep.group(p)._raft.forceLogCompaction(),
+        "snapshot_exists": lambda p: os.path.exists(os.path.join(data_dir, "snapshots", f"p{p}.snap")),
+        "fail_on": lambda cmd: setattr(sm, "fail_on", cmd),
+        "serializing": lambda p: rep.group(p)._raft._SyncObj__serializer._job is not None,
+        "log_entries": lambda p: rep.group(p).status().log_entries,
+        "restoring": lambda p: rep.group(p)._raft._kv_restoring,
+    }
+    try:
+        while True:
+            try:
+                op, args = conn.recv()
+            except EOFError:
+                break
+            if op == "exit":
+                break
+            try:
+                conn.send(("ok", handlers[op](*args)))
+            except Exception as exc:
+                conn.send(("err", exc))
+    finally:
+        rep.close()
+        sm.close()
+        with contextlib.suppress(OSError):
+            conn.send(("ok", "bye"))
+
+
+class NodeError(Exception):
+    """The node process answered a request with an error."""
+
+
+class NodeProc:
+    """One replicator node process."""
+
+    def __init__(self, node_id: str, data_dir: str, config: dict[str, Any] | None = None) -> None:
+        self.node_id = node_id
+        self.data_dir = data_dir
+        self.config = {**TEST_CONFIG, **(config or {})}
+        self.port = 0
+        self.address = ""
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        os.makedirs(data_dir, exist_ok=True)
+
+    def start(self) -> None:
+        parent, child = _CTX.Pipe()
+        self._proc = _CTX.Process(target=_serve, args=(child, self.node_id, self.data_dir, self.port, self.config))
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(30):
+            self.kill()
+            raise RuntimeError(f"node {self.node_id} did not start")
+        self.address = parent.recv()
+        self.port = int(self.address.rsplit(":", 1)[1])  # a restart rebinds the same port
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def rpc(self, op: str, *args: Any, timeout_s: float = 60.0) -> Any:
+        assert self._conn is not None
+        self._conn.send((op, args))
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"node {self.node_id}: {op} took over {timeout_s} s")
+        status, value = self._conn.recv()
+        if status == "err":
+            raise value
+        return value
+
+    def kill(self) -> None:
+        """kill -9 the process."""
+        if self._proc is not None and self._proc.is_alive():
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.join(10)
+        self._close_conn()
+
+    def stop(self) -> None:
+        """Close the replicator cleanly; kill -9 if it does not exit in time."""
+        if self._proc is None:
+            return
+        if self._proc.is_alive() and self._conn is not None:
+            with contextlib.suppress(OSError, EOFError):
+                self._conn.send(("exit", ()))
+                self._conn.poll(15)
+            self._proc.join(15)
+        self.kill()
+        self._proc = None
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "node.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class RaftCluster:
+    """N node processes sharing the same groups."""
+
+    def __init__(self, root: str, nodes: int, config: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.nodes = {f"n{i}": NodeProc(f"n{i}", os.path.join(root, f"n{i}"), config) for i in range(nodes)}
+        self.members: dict[int, dict[str, str]] = {}
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+
+    def add_node(self, node_id: str, config: dict[str, Any] | None = None) -> NodeProc:
+        node = NodeProc(node_id, os.path.join(self.root, node_id), config)
+        self.nodes[node_id] = node
+        node.start()
+        return node
+
+    def open_groups(self, partitions: Iterable[int], node_ids: Iterable[str] | None = None) -> None:
+        chosen = list(node_ids or self.nodes)
+        for p in partitions:
+            self.members[p] = {n: self.nodes[n].address for n in chosen}
+            for n in chosen:
+                self.nodes[n].rpc("add_group", p, self.members[p])
+
+    def reopen(self, node_id: str) -> None:
+        """Restart a stopped or killed node on its old port and reopen its groups."""
+        node = self.nodes[node_id]
+        node.start()
+        for p, members in self.members.items():
+            if node_id in members:
+                node.rpc("add_group", p, members)
+
+    def live(self) -> list[NodeProc]:
+        return [n for n in self.nodes.values() if n.alive]
+
+    def leader(self, partition: int, timeout_s: float = 20.0) -> NodeProc:
+        def find() -> NodeProc | None:
+            for node in self.live():
+                if node_in_group(node, self.members[partition]) and node.rpc("is_leader", partition):
+                    return node
+            return None
+
+        found = wait_until(find, timeout_s=timeout_s, interval_s=0.1, what=f"a leader of partition {partition}")
+        assert found is not None
+        return found
+
+    def wait_applied_everywhere(self, partition: int, index: int, timeout_s: float = 30.0) -> None:
+        for node in self.live():
+            if node_in_group(node, self.members[partition]):
+                wait_until(
+                    functools.partial(_applied_at_least, node, partition, index),
+                    timeout_s=timeout_s,
+                    what=f"{node.node_id} applied {index} on partition {partition}",
+                )
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.node_id} ---\n{n.log_tail()}" for n in self.nodes.values())
+
+
+def _applied_at_least(node: NodeProc, partition: int, index: int) -> bool:
+    return bool(node.rpc("applied", partition) >= index)
+
+
+def node_in_group(node: NodeProc, members: dict[str, str]) -> bool:
+    return node.node_id in members
+
+
+def propose_stream(
+    cluster: RaftCluster, partition: int, count: int, prefix: bytes, *, on_each: Callable[[int], None] | None = None
+) -> list[bytes]:
+    """Propose `count` commands to the current leader, following leader changes; return the acknowledged ones."""
+    acked: list[bytes] = []
+    deadline = time.monotonic() + 60
+    i = 0
+    while i < count and time.monotonic() < deadline:
+        if on_each is not None:
+            on_each(i)
+        command = prefix + b"-%06d" % i
+        try:
+            leader = cluster.leader(partition)
+            leader.rpc("propose", partition, command, 5.0, timeout_s=15)
+        except (EOFError, OSError, NodeError, TimeoutError, AssertionError) as exc:
+            logging.getLogger(__name__).info("proposal %d not acknowledged: %r", i, exc)
+            i += 1
+            continue
+        except Exception as exc:  # NotLeaderError and friends: not acknowledged
+            logging.getLogger(__name__).info("proposal %d refused: %r", i, exc)
+            i += 1
+            continue
+        acked.append(command)
+        i += 1
+    return acked
