@@ -1,0 +1,157 @@
+"""kvstore as a measured system: a `LocalCluster` on 127.0.0.1 and the asyncio smart client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.scenario import Scenario
+from bench.system import System
+from bench.workload import F32, U64, Dataset
+from kvclient import AsyncClient, Client, KeyStatus
+from kvstore.launcher import LocalCluster
+
+log = logging.getLogger(__name__)
+
+TABLE = "bench"
+LOAD_CHUNK = 50_000
+
+
+class ActionUnsupportedError(RuntimeError):
+    """A timeline action the cluster cannot carry out yet; the message names the missing piece."""
+
+
+class KvstoreSystem(System):
+    """N kvstore nodes (separate processes) and one `AsyncClient` on the measuring loop."""
+
+    name = "kvstore"
+
+    def __init__(self, scn: Scenario) -> None:
+        super().__init__()
+        self.scn = scn
+        self.root = ""
+        self.cluster: LocalCluster | None = None
+        self.kv: AsyncClient | None = None
+        self.retries = 0
+        self.load_s = 0.0
+
+    def start(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.root = tempfile.mkdtemp(prefix="kvstore-bench-")
+        self.cluster = LocalCluster.open(self.root)
+        seeds = self.cluster.up(self.scn.nodes, partitions=self.scn.partitions, cache_bytes=self.scn.cache_bytes)
+        t0 = time.perf_counter()
+        with Client(seeds, deadline_s=60.0) as kv:
+            kv.create_table(TABLE, dim=dataset.dim, dtype=self.scn.dtype)
+            ids = np.arange(dataset.keys, dtype=np.uint64)
+            for start in range(0, dataset.keys, LOAD_CHUNK):
+                chunk = ids[start : start + LOAD_CHUNK]
+                kv.put(TABLE, chunk, dataset.rows(chunk))
+            self.load_s = time.perf_counter() - t0
+            self.check_sample(lambda x: kv.get(TABLE, x).values)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.down()
+            self.cluster = None
+        if self.root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = ""
+
+    async def open(self) -> None:
+        if self.cluster is None:
+            raise RuntimeError("kvstore: start() was not called")
+        self.kv = AsyncClient(self.cluster.seeds, deadline_s=self.scn.deadline_s)
+        await self.kv.connect()
+        self._count_retries(self.kv)
+
+    def _count_retries(self, kv: AsyncClient) -> None:
+        # Stopgap until the client exposes counters: each call of the private `_recover` is
+        # one retry round of one `get` (after a routing or unavailable error).
+        recover = getattr(kv, "_recover", None)
+        if recover is None:
+            return
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.retries += 1
+            return await recover(*args, **kwargs)
+
+        setattr(kv, "_recover", counted)  # noqa: B010 (instance attribute over a method)
+
+    async def close(self) -> None:
+        if self.kv is not None:
+            await self.kv.close()
+            self.kv = None
+
+    @property
+    def client(self) -> AsyncClient:
+        if self.kv is None:
+            raise RuntimeError("kvstore: open() was not called")
+        return self.kv
+
+    async def get(self, ids: U64) -> tuple[F32, int]:
+        res = await self.client.get(TABLE, ids, deadline_s=self.scn.deadline_s, partial=self.scn.partial)
+        missing = int(np.count_nonzero(res.status != KeyStatus.FOUND))
+        return res.values, missing
+
+    async def put(self, ids: U64) -> None:
+        await self.client.put(TABLE, ids, self.data.rows(ids), deadline_s=self.scn.deadline_s)
+
+    def server_pids(self) -> list[int]:
+        return [n.pid for n in self.cluster.running()] if self.cluster else []
+
+    def counters(self) -> dict[str, int | None]:
+        return {"retries": self.retries, "hedges": None}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "label": f"kvstore {self.scn.nodes} nodes",
+            "client": "kvclient.AsyncClient (stream transport) on the generator's loop",
+            "nodes": self.scn.nodes,
+            "partitions": self.scn.partitions,
+            "cache_bytes": self.scn.cache_bytes,
+            "load_s": round(self.load_s, 2),
+        }
+
+    async def node_stats(self) -> dict[str, Any]:
+        """Return cache hits/misses and requests summed over the nodes that answer."""
+        totals = {"cache_hits": 0, "cache_misses": 0, "requests": 0, "keys_read": 0, "nodes_answered": 0}
+        for stats in await self.client.node_stats():
+            if isinstance(stats, Exception):
+                continue
+            totals["nodes_answered"] += 1
+            for key in ("cache_hits", "cache_misses", "requests", "keys_read"):
+                totals[key] += int(getattr(stats, key))
+        return totals
+
+    # ---- timeline actions (bench.actions) ----
+
+    async def kill(self, node_id: str) -> None:
+        """SIGKILL one node (its partitions are unavailable until it restarts)."""
+        if self.cluster is None:
+            raise RuntimeError("kvstore: start() was not called")
+        self.cluster.kill(node_id)
+
+    async def restart(self, node_id: str) -> None:
+        """Start a stopped node again on its folder and wait until it serves."""
+        cluster = self.cluster
+        if cluster is None:
+            raise RuntimeError("kvstore: start() was not called")
+
+        def blocking() -> None:
+            cluster.start_node(node_id, cache_bytes=self.scn.cache_bytes)
+            cluster.wait_ready(node_id, timeout_s=30.0)
+
+        await asyncio.to_thread(blocking)
+
+    async def add_node(self, node_id: str) -> None:
+        """Not yet possible: a new node only takes traffic once partitions move to it."""
+        raise ActionUnsupportedError(
+            f"add_node {node_id or ''}: needs rebalancing (issue 5); a node added today would hold no partitions"
+        )
