@@ -104,6 +104,34 @@ class AdminService(pb_grpc.AdminServicer):
             uptime_s=time.monotonic() - state.started,
         )
 
+    async def GetPartitionStatus(  # noqa: N802
+        self, request: pb.PartitionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PartitionStatusResponse:
+        out = pb.PartitionStatusResponse(node_id=self.state.node_id)
+        rep = self.state.replicator
+        if rep is None:
+            return out
+        for part in rep.partitions():
+            try:
+                st = rep.group(part).status()
+            except KeyError:  # closed meanwhile
+                continue
+            out.groups.append(
+                pb.GroupStatus(
+                    partition=st.partition,
+                    node_id=st.node,
+                    is_leader=st.is_leader,
+                    leader=st.leader or "",
+                    term=st.term,
+                    commit_index=st.commit_index,
+                    applied_index=st.applied_index,
+                    members=list(st.members),
+                    max_follower_lag=max((f.lag for f in st.followers), default=0),
+                    followers_connected=sum(1 for f in st.followers if f.connected),
+                )
+            )
+        return out
+
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:
         try:
             return await self.change(change, forward)
@@ -131,7 +159,10 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def register_self(self) -> None:
         """Tell the metadata node this node's current address (it may have changed)."""
-        me = pb.NodeInfo(node_id=self.state.node_id, address=self.state.address)
+        rep = self.state.replicator
+        me = pb.NodeInfo(
+            node_id=self.state.node_id, address=self.state.address, raft_address=rep.address if rep else ""
+        )
         try:
             await self.change(
                 lambda cmap: metadata.register_node(cmap, me), lambda stub: stub.RegisterNode(me, timeout=2.0)

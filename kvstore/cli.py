@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--port", type=int, default=0, help="0: the last port used, else one from the OS")
     node.add_argument("--cache-bytes", default="256MiB", help="in-memory row cache budget")
     node.add_argument("--block-cache-bytes", default="256MiB", help="RocksDB block cache")
+    node.add_argument(
+        "--raft-port",
+        type=int,
+        default=0,
+        help="fixed Raft port (needed for replicas > 1; keep it across restarts). "
+        "The cluster secret comes from $KVSTORE_RAFT_SECRET or the file named by $KVSTORE_RAFT_SECRET_FILE",
+    )
 
     cluster = sub.add_parser("cluster", help="start or stop a local cluster")
     csub = cluster.add_subparsers(dest="action", required=True)
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="nodes, partitions and tables")
     _add_target(status)
     status.add_argument("--json", action="store_true")
+    status.add_argument("--partitions", action="store_true", help="print each partition's replicas, leader and lag")
 
     table = sub.add_parser("table", help="create, list or drop tables")
     tsub = table.add_subparsers(dest="action", required=True)
@@ -139,9 +147,21 @@ def cmd_node(args: argparse.Namespace) -> int:
         port=args.port,
         cache_bytes=parse_bytes(args.cache_bytes),
         block_cache_bytes=parse_bytes(args.block_cache_bytes),
+        raft_port=args.raft_port,
+        raft_secret=_raft_secret(),
     ).validate()
     asyncio.run(serve(config))
     return 0
+
+
+def _raft_secret() -> bytes | None:
+    """Return the cluster secret from the environment (never from the command line)."""
+    secret = os.environ.get("KVSTORE_RAFT_SECRET", "")
+    path = os.environ.get("KVSTORE_RAFT_SECRET_FILE", "")
+    if not secret and path:
+        with open(path) as f:
+            secret = f.read().strip()
+    return secret.encode() if secret else None
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -175,7 +195,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     with Client(_seeds(args)) as kv:
         view = kv.refresh_map()
         stats = kv.node_stats()
+        groups = kv.partition_status() if view.proto.replicas > 1 else []
     doc = _status_doc(view.proto, stats)
+    if groups:
+        _add_replication(doc, view.proto, groups)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -198,6 +221,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(n.get("requests", "-")),
         )
     console.print(nodes)
+    if groups:
+        _print_replication(doc)
+        if args.partitions:
+            _print_partitions(doc["partition_status"])
     _print_tables(doc["tables"])
     return 0
 
@@ -238,6 +265,66 @@ def _status_doc(cmap: Any, stats: list[Any]) -> dict[str, Any]:
         "nodes": nodes,
         "tables": tables,
     }
+
+
+def _add_replication(doc: dict[str, Any], cmap: Any, groups: list[Any]) -> None:
+    """Add each partition's leader, applied indexes and lag (from every node's view) to `doc`."""
+    parts: list[dict[str, Any]] = [
+        {"partition": p, "replicas": list(r.node_ids), "leader": None, "term": 0, "commit_index": 0, "applied": {}}
+        for p, r in enumerate(cmap.placement)
+    ]
+    for info, resp, node in zip(cmap.nodes, groups, doc["nodes"], strict=True):
+        if isinstance(resp, Exception):
+            continue
+        for g in resp.groups:
+            row = parts[g.partition]
+            row["applied"][info.node_id] = g.applied_index
+            if g.is_leader and g.term >= row["term"]:
+                row.update(leader=info.node_id, term=g.term, commit_index=g.commit_index)
+        node["leads"] = sum(1 for g in resp.groups if g.is_leader)
+    for row in parts:
+        top = row["commit_index"] or max(row["applied"].values(), default=0)
+        row["lag"] = {n: max(0, top - a) for n, a in row["applied"].items()}
+    for node in doc["nodes"]:
+        lags = [row["lag"][node["node_id"]] for row in parts if node["node_id"] in row["lag"]]
+        if node["node_id"] in {n for row in parts for n in row["applied"]}:
+            node["max_lag"] = max(lags, default=0)
+    doc["partition_status"] = parts
+
+
+def _print_replication(doc: dict[str, Any]) -> None:
+    parts = doc["partition_status"]
+    leaderless = [str(p["partition"]) for p in parts if not p["leader"]]
+    table = Table(title="replication (Raft groups)")
+    for name in ("node", "holds", "leads", "max lag"):
+        table.add_column(name)
+    for n in doc["nodes"]:
+        table.add_row(n["node_id"], str(n["partitions"]), str(n.get("leads", "-")), str(n.get("max_lag", "-")))
+    console.print(table)
+    if leaderless:
+        console.print(f"[red]partitions without a leader:[/red] {', '.join(leaderless)}")
+    else:
+        console.print("every partition has a leader; --partitions prints each one")
+
+
+def _print_partitions(parts: list[dict[str, Any]]) -> None:
+    table = Table()
+    for name in ("partition", "replicas", "leader", "term", "commit", "applied (lag)"):
+        table.add_column(name)
+    for row in parts:
+        applied = "  ".join(
+            f"{n}:{row['applied'][n]} ({row['lag'][n]})" if n in row["applied"] else f"{n}:down"
+            for n in row["replicas"]
+        )
+        table.add_row(
+            str(row["partition"]),
+            ",".join(row["replicas"]),
+            row["leader"] or "[red]none[/red]",
+            str(row["term"]),
+            str(row["commit_index"]),
+            applied,
+        )
+    console.print(table)
 
 
 def _table_doc(schema: Any) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class NodeConfig:
     cache_bytes: int = 256 * 1024 * 1024
     block_cache_bytes: int = 256 * 1024 * 1024
     map_sync_interval_s: float = 1.0
+    raft_port: int = 0  # > 0: run the Raft replicator on this fixed port (clusters with replicas > 1)
+    raft_secret: bytes | None = None  # shared cluster secret authenticating Raft peers; None: none (loopback dev)
 
     def validate(self) -> NodeConfig:
         """Return self, or raise ValueError naming the bad field."""
@@ -44,6 +46,8 @@ class NodeConfig:
             raise ValueError(
                 f"cache_bytes {self.cache_bytes} must be >= 0 and block_cache_bytes {self.block_cache_bytes} >= 1 MiB"
             )
+        if not 0 <= self.raft_port <= 65535:
+            raise ValueError(f"raft_port: {self.raft_port} is not in 0..65535")
         if self.map_sync_interval_s <= 0:
             raise ValueError(f"map_sync_interval_s: {self.map_sync_interval_s} must be > 0")
         return self
@@ -55,6 +59,10 @@ class NodeConfig:
     @property
     def map_path(self) -> str:
         return os.path.join(self.data_dir, "cluster_map.pb")
+
+    @property
+    def raft_dir(self) -> str:
+        return os.path.join(self.data_dir, "raft")
 
     @property
     def info_path(self) -> str:

@@ -7,6 +7,13 @@ Read path on a node, per request:
 4. gather cached rows with one numpy index; fetch misses from RocksDB per partition and
    cache them; 5. reply with a found mask and the found rows as one packed buffer.
 
+Write path with replicas > 1 (`_replicated_write`): validate and check ownership exactly as
+above (bad input changes nothing), split the batch into one `Command` per partition, and
+propose each on the local Raft group if it leads it (the blocking proposals run at once on
+a thread pool); reply once every command is committed by a majority and applied here. A
+partition led elsewhere refuses the request with NOT_LEADER naming the leader; a proposal
+without an outcome in time is UNAVAILABLE (it may still commit: writes are idempotent).
+
 Errors travel in-band on the Session stream (`DataResponse.error`) and as a gRPC status plus
 the same `Error` in trailing metadata on unary calls. Runs on the node's event loop; the
 store call is synchronous (memory and RocksDB lookups, well under a millisecond per 1,000
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -25,11 +33,48 @@ import numpy.typing as npt
 
 from kvclient._codec import check_records, decode_vectors, unpack_ids
 from kvclient._connection import ERROR_METADATA_KEY
-from kvclient._errors import ClientError, KvError, ServerError, error_from_proto
+from kvclient._errors import (
+    ClientError,
+    KvError,
+    NotLeaderError,
+    ServerError,
+    UnavailableError,
+    error_from_proto,
+)
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvclient._ring import partitions_of
+from kvstore import replication
+from kvstore.replication.command import Command, encode
 from kvstore.state import LocalMap, NodeState
+from kvstore.store import last_occurrence
+
+PROPOSE_TIMEOUT_S = 5.0
+PROPOSE_THREADS = 16
+COMMAND_BYTES = 256 * 1024
+"""Target size of one replicated command (the engine caps an entry at 448 KiB)."""
+MAX_REPLICATED_RECORD_BYTES = 400 * 1024
+"""Largest feature record a replicated table accepts (one record must fit one entry)."""
+
+
+def _by_partition(
+    parts: npt.NDArray[np.intp], positions: npt.NDArray[np.intp], sizes: npt.NDArray[np.int64]
+) -> list[tuple[int, npt.NDArray[np.intp]]]:
+    """Group `positions` by partition, split into runs whose `sizes` sum to about COMMAND_BYTES."""
+    out: list[tuple[int, npt.NDArray[np.intp]]] = []
+    sub = parts[positions]
+    for part in np.unique(sub).tolist():
+        mask = sub == part
+        sel, size = positions[mask], np.asarray(sizes)[mask]
+        start = 0
+        total = np.cumsum(size)
+        while start < len(sel):
+            base = total[start - 1] if start else 0
+            end = max(start + 1, int(np.searchsorted(total, base + COMMAND_BYTES, side="right")))
+            out.append((int(part), sel[start:end]))
+            start = end
+    return out
+
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +84,7 @@ _STATUS: dict[pb.ErrorCode.ValueType, grpc.StatusCode] = {
     pb.STALE_MAP: grpc.StatusCode.FAILED_PRECONDITION,
     pb.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     pb.INTERNAL: grpc.StatusCode.INTERNAL,
+    pb.NOT_LEADER: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -53,6 +99,12 @@ class DataService(pb_grpc.DataServicer):
 
     def __init__(self, state: NodeState) -> None:
         self.state = state
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the proposal threads (after the server stopped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- transports ----
 
@@ -63,10 +115,23 @@ class DataService(pb_grpc.DataServicer):
         # not hold up reading the next request of another caller sharing the stream.
         replies: asyncio.Queue[pb.DataResponse | None] = asyncio.Queue()
 
+        pending: set[asyncio.Task[None]] = set()
+
+        async def replicate(req: pb.DataRequest) -> None:
+            replies.put_nowait(await self.handle_async(req))
+
         async def serve_requests() -> None:
             try:
                 async for req in request_iterator:
-                    replies.put_nowait(self.handle(req))
+                    if self._is_replicated_write(req):
+                        # Proposals take milliseconds: serve other requests meanwhile.
+                        task = asyncio.create_task(replicate(req))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+                    else:
+                        replies.put_nowait(self.handle(req))
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
             finally:
                 replies.put_nowait(None)
 
@@ -76,6 +141,8 @@ class DataService(pb_grpc.DataServicer):
                 yield resp
         finally:
             reader.cancel()
+            for task in list(pending):
+                task.cancel()
 
     async def MultiGet(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:  # noqa: N802
         resp = self.handle(pb.DataRequest(get=request))
@@ -84,18 +151,149 @@ class DataService(pb_grpc.DataServicer):
         return resp.get
 
     async def MultiPut(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:  # noqa: N802
-        resp = self.handle(pb.DataRequest(put=request))
+        resp = await self.handle_async(pb.DataRequest(put=request))
         if resp.HasField("error"):
             await abort_with(context, error_from_proto(resp.error))
         return resp.put
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:  # noqa: N802
-        resp = self.handle(pb.DataRequest(delete=request))
+        resp = await self.handle_async(pb.DataRequest(delete=request))
         if resp.HasField("error"):
             await abort_with(context, error_from_proto(resp.error))
         return resp.delete
 
     # ---- one request ----
+
+    def _is_replicated_write(self, req: pb.DataRequest) -> bool:
+        local = self.state.local
+        return local is not None and local.replicated and req.WhichOneof("op") in ("put", "delete")
+
+    async def handle_async(self, req: pb.DataRequest) -> pb.DataResponse:
+        """Serve one request; replicated writes wait for their Raft groups."""
+        if not self._is_replicated_write(req):
+            return self.handle(req)
+        self.state.requests += 1
+        resp = pb.DataResponse(request_id=req.request_id)
+        try:
+            if req.WhichOneof("op") == "put":
+                resp.put.written = await self._replicated_write(req.put.table, req.put.ids, req.put)
+                resp.put.epoch = self.state.epoch
+            else:
+                resp.delete.deleted = await self._replicated_write(req.delete.table, req.delete.ids, None)
+                resp.delete.epoch = self.state.epoch
+        except KvError as err:
+            if not err.epoch:
+                err.epoch = self.state.epoch
+            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
+        except Exception as exc:  # a bug must not kill the stream for everyone on it
+            log.exception("replicated write failed node=%s", self.state.node_id)
+            bug = ServerError(f"node {self.state.node_id}: {exc!r}")
+            resp = pb.DataResponse(request_id=req.request_id, error=bug.to_proto())
+        return resp
+
+    async def _replicated_write(self, table: str, ids_buf: bytes, put: pb.PutRequest | None) -> int:
+        """Validate, build one command per partition, propose them all; return the count."""
+        _, schema, ids, parts = self._route(table, ids_buf)
+        commands = self._commands(schema, ids, parts, put)
+        rep = self.state.replicator
+        if rep is None:
+            raise UnavailableError(f"node {self.state.node_id} has no replicator (started without --raft-port)")
+        groups = {}
+        hints: dict[int, str] = {}
+        for part in dict.fromkeys(cmd.partition for cmd in commands):
+            try:
+                group = rep.group(part)
+            except KeyError:
+                raise UnavailableError(f"node {self.state.node_id}: partition {part} has no open group yet") from None
+            if not group.is_leader():
+                hints[part] = group.leader() or ""
+            groups[part] = group
+        if hints:
+            raise self._not_leader(hints)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PROPOSE_THREADS, thread_name_prefix="propose")
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, groups[cmd.partition].propose, encode(cmd), PROPOSE_TIMEOUT_S)
+                for cmd in commands
+            ),
+            return_exceptions=True,
+        )
+        for part, result in zip((cmd.partition for cmd in commands), results, strict=True):
+            if isinstance(result, replication.NotLeaderError):
+                hints[part] = result.leader or ""
+            elif isinstance(result, replication.ProposalTimeoutError):
+                raise UnavailableError(f"node {self.state.node_id}: partition {part}: no commit in time, retry")
+            elif isinstance(result, BaseException):
+                raise ServerError(f"node {self.state.node_id}: partition {part}: {result!r}")
+            elif result is not None and result.startswith(b"error:"):
+                raise ServerError(
+                    f"node {self.state.node_id}: partition {part}: apply failed: {result.decode(errors='replace')}"
+                )
+        if hints:
+            raise self._not_leader(hints)
+        return sum(cmd.put_count + cmd.delete_count for cmd in commands)
+
+    def _not_leader(self, hints: dict[int, str]) -> NotLeaderError:
+        part, leader = next(iter(hints.items()))
+        return NotLeaderError(
+            f"node {self.state.node_id} does not lead partition {part} (leader: {leader or 'unknown'})",
+            field="ids",
+            leaders=hints,
+        )
+
+    @staticmethod
+    def _commands(
+        schema: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp], put: pb.PutRequest | None
+    ) -> list[Command]:
+        """Return the commands of a request: per partition, chunks of at most ~COMMAND_BYTES.
+
+        Validation raises before anything is built. A partition's share larger than one
+        chunk becomes several commands (each atomic on its own).
+        """
+        count = len(ids)
+        out: list[Command] = []
+        if put is None:
+            for part, sel in _by_partition(parts, np.arange(count), np.full(count, 8)):
+                out.append(Command(partition=part, table_id=schema.table_id, deletes=ids[sel].astype("<u8").tobytes()))
+            return out
+        keep = last_occurrence(ids)  # a later duplicate id wins, as in the single-copy path
+        if schema.kind == pb.FEATURES:
+            if len(put.records) != count:
+                raise ClientError(f"records: {len(put.records)} records for {count} ids", field="records")
+            check_records(put.records)
+            records = list(put.records)
+            sizes = np.array([len(records[i]) + 16 for i in keep.tolist()], dtype=np.int64)
+            if len(sizes) and int(sizes.max()) > MAX_REPLICATED_RECORD_BYTES:
+                raise ClientError(
+                    f"records: a record of {int(sizes.max()) - 16} bytes exceeds the "
+                    f"{MAX_REPLICATED_RECORD_BYTES} bytes a replicated table accepts",
+                    field="records",
+                )
+            for part, sel in _by_partition(parts, keep, sizes):
+                out.append(
+                    Command(
+                        partition=part,
+                        table_id=schema.table_id,
+                        ids=ids[sel].astype("<u8").tobytes(),
+                        records=tuple(records[i] for i in sel.tolist()),
+                    )
+                )
+            return out
+        rows = decode_vectors(schema, put.values, put.dtype, count)
+        row_bytes = rows.dtype.itemsize * int(schema.dim) + 8
+        for part, sel in _by_partition(parts, keep, np.full(len(keep), row_bytes)):
+            out.append(
+                Command(
+                    partition=part,
+                    table_id=schema.table_id,
+                    ids=ids[sel].astype("<u8").tobytes(),
+                    values=np.ascontiguousarray(rows[sel]).tobytes(),
+                )
+            )
+        return out
 
     def handle(self, req: pb.DataRequest) -> pb.DataResponse:
         """Serve one request; every failure becomes an in-band error, never an exception."""

@@ -1,9 +1,12 @@
 """Start and stop a local cluster: N node processes on 127.0.0.1 with data under one folder.
 
 Layout of the folder: `cluster.json` (what is running: pids, addresses), and per node
-`n<i>/` (its RocksDB, map and `node.json`) plus `n<i>.log`. Processes are started in their
-own session so a terminal's Ctrl-C does not hit them mid-write, and are stopped by pid,
-only after checking the pid still runs our node for this folder.
+`n<i>/` (its RocksDB, map, `node.json` and, with replicas > 1, `raft.json` holding the
+node's fixed Raft port and `raft/` its Raft log) plus `n<i>.log`. With replicas > 1 the
+folder also holds `raft.secret` (mode 0600), the cluster secret the nodes read through
+$KVSTORE_RAFT_SECRET_FILE. Processes are started in their own session so a terminal's
+Ctrl-C does not hit them mid-write, and are stopped by pid, only after checking the pid
+still runs our node for this folder.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 # halves the cost of 256 KB replies). Clients benefit from the same settings.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 STATE_FILE = "cluster.json"
+RAFT_FILE = "raft.json"
+SECRET_FILE = "raft.secret"
 
 
 class ClusterError(RuntimeError):
@@ -103,6 +110,8 @@ class LocalCluster:
         os.makedirs(self.root, exist_ok=True)
         if not self.nodes:
             self.nodes = [self._describe(f"n{i}") for i in range(1, nodes + 1)]
+        if replicas > 1:
+            self._prepare_raft()
         try:
             for node in self.nodes:
                 self.start_node(node.node_id, cache_bytes=cache_bytes)
@@ -114,6 +123,27 @@ class LocalCluster:
             self.down()
             raise
         return self.seeds
+
+    def _prepare_raft(self) -> None:
+        """Generate the cluster secret and each node's fixed Raft port, once per folder."""
+        secret_path = os.path.join(self.root, SECRET_FILE)
+        if not os.path.exists(secret_path):
+            fd = os.open(secret_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            os.replace(secret_path + ".tmp", secret_path)
+        taken = {raft_port(n.data_dir) for n in self.nodes}
+        for node in self.nodes:
+            os.makedirs(node.data_dir, exist_ok=True)
+            path = os.path.join(node.data_dir, RAFT_FILE)
+            if raft_port(node.data_dir) == 0:
+                port = _free_port()
+                while port in taken:  # the OS may hand the same free port out twice
+                    port = _free_port()
+                taken.add(port)
+                with open(path + ".tmp", "w") as f:
+                    json.dump({"raft_port": port}, f)
+                os.replace(path + ".tmp", path)
 
     def start_node(self, node_id: str, *, cache_bytes: str = "256MiB") -> NodeProcess:
         """Start one node process (also used to restart a stopped node)."""
@@ -136,13 +166,21 @@ class LocalCluster:
             "--port",
             str(_last_port(info + ".last")),
         ]
+        env = {**os.environ, **MALLOC_ENV}
+        port = raft_port(node.data_dir)
+        if port:
+            cmd += ["--raft-port", str(port)]
+            secret_path = os.path.join(self.root, SECRET_FILE)
+            if os.path.exists(secret_path):
+                env.pop("KVSTORE_RAFT_SECRET", None)  # the folder's secret, whatever the caller's shell has
+                env["KVSTORE_RAFT_SECRET_FILE"] = secret_path
         with open(node.log_path, "ab") as logf:
             proc = subprocess.Popen(
                 cmd,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **MALLOC_ENV},
+                env=env,
                 start_new_session=True,
             )
         node.pid, node.address = proc.pid, ""
@@ -170,7 +208,10 @@ class LocalCluster:
 
     def _bootstrap(self, partitions: int, replicas: int, timeout_s: float) -> None:
         req = pb.BootstrapRequest(
-            nodes=[pb.NodeInfo(node_id=n.node_id, address=n.address) for n in self.nodes],
+            nodes=[
+                pb.NodeInfo(node_id=n.node_id, address=n.address, raft_address=_raft_address(n.data_dir))
+                for n in self.nodes
+            ],
             partitions=partitions,
             replicas=replicas,
         )
@@ -221,6 +262,26 @@ def seeds_from_dir(root: str) -> list[str]:
     """Return the addresses recorded for the cluster in `root` (empty if none)."""
     state = _read_json(os.path.join(os.path.abspath(root), STATE_FILE)) or {}
     return [str(s) for s in state.get("seeds", [])]
+
+
+def raft_port(data_dir: str) -> int:
+    """Return the node's fixed Raft port recorded in its folder (0: single-copy node)."""
+    info = _read_json(os.path.join(data_dir, RAFT_FILE))
+    try:
+        return int(info["raft_port"]) if info else 0
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _raft_address(data_dir: str) -> str:
+    port = raft_port(data_dir)
+    return f"127.0.0.1:{port}" if port else ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _node_dirs(root: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 Threads: one asyncio event loop runs the gRPC server (requests are served inline on it),
 the map sync loop and metadata changes; gRPC's own completion-queue threads; RocksDB's
-background threads.
+background threads. With `--raft-port` (clusters with replicas > 1) the Raft replicator
+starts before the node serves: its driver thread runs every partition group and applies
+committed commands to the store; replicated writes wait for their commit on a thread pool.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from kvstore.admin_service import AdminService
 from kvstore.config import NodeConfig
 from kvstore.data_service import DataService
 from kvstore.peers import Peers
+from kvstore.replication import NodeId
+from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
 from kvstore.rocks_engine import RocksEngine
 from kvstore.state import NodeState
+from kvstore.state_machine import StoreStateMachine
 from kvstore.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,11 +69,44 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     config.validate()
     os.makedirs(config.data_dir, exist_ok=True)
     store = Store(RocksEngine(config.db_path, block_cache_bytes=config.block_cache_bytes), config.cache_bytes)
-    state = NodeState(config, store)
+    replicator: PySyncObjReplicator | None = None
+    try:
+        replicator = _start_replicator(config, store)
+        await _serve(config, store, replicator, stop)
+    finally:
+        if replicator is not None:
+            replicator.close()
+        store.close()
+
+
+def _start_replicator(config: NodeConfig, store: Store) -> PySyncObjReplicator | None:
+    """Start the Raft replicator on the node's fixed port (only for replicated clusters)."""
+    if not config.raft_port:
+        return None
+    rep = PySyncObjReplicator(
+        NodeId(config.node_id),
+        PySyncObjConfig(
+            data_dir=config.raft_dir,
+            bind_host=config.host,
+            port=config.raft_port,
+            secret=config.raft_secret,
+            synced=False,
+        ),
+        StoreStateMachine(store),
+    )
+    rep.start()
+    return rep
+
+
+async def _serve(
+    config: NodeConfig, store: Store, replicator: PySyncObjReplicator | None, stop: asyncio.Event | None
+) -> None:
+    state = NodeState(config, store, replicator)
     peers = Peers()
     admin = AdminService(state, peers)
     server = grpc.aio.server(options=GRPC_CHANNEL_OPTIONS)
-    pb_grpc.add_DataServicer_to_server(DataService(state), server)
+    data = DataService(state)
+    pb_grpc.add_DataServicer_to_server(data, server)
     pb_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -96,7 +134,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=1.0)
         await peers.close()
-        store.close()
+        data.close()
 
 
 async def _sync_loop(state: NodeState, peers: Peers, admin: AdminService, interval_s: float) -> None:

@@ -1,7 +1,9 @@
 """What a node knows: its identity, the cluster map it follows, and its store.
 
 `apply_map` is the one way a map takes effect: persist it (write, fsync, rename), then
-adopt its tables and partitions. Maps only move forward in epoch.
+adopt its tables and partitions. Maps only move forward in epoch. With replicas > 1 the
+node also has a `Replicator`: adopting a map teaches it the peers' Raft addresses and
+opens the local replica (Raft group) of every partition the map places here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kvclient._clustermap import ClusterView
 from kvclient._errors import RoutingError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.config import NodeConfig
+from kvstore.replication import NodeId, Replicator
 from kvstore.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,11 @@ class LocalMap:
     def epoch(self) -> int:
         return self.view.epoch
 
+    @property
+    def replicated(self) -> bool:
+        """Whether writes go through each partition's Raft group (replicas > 1)."""
+        return self.view.proto.replicas > 1
+
     def check_owned(self, parts: npt.NDArray[np.intp]) -> None:
         """Raise `RoutingError` (with our epoch) unless every partition is held here."""
         bad = parts[~self.owned[parts]]
@@ -50,9 +58,10 @@ class LocalMap:
 class NodeState:
     """A node's map and store; `apply_map` is thread-safe."""
 
-    def __init__(self, config: NodeConfig, store: Store) -> None:
+    def __init__(self, config: NodeConfig, store: Store, replicator: Replicator | None = None) -> None:
         self.config = config
         self.store = store
+        self.replicator = replicator
         self.started = time.monotonic()
         self.requests = 0
         self.address = ""
@@ -91,8 +100,36 @@ class NodeState:
         self.store.set_tables(list(cmap.tables))
         owned = np.zeros(view.partitions, dtype=np.bool_)
         owned[view.partitions_of_node(self.node_id)] = True
-        self.local = LocalMap(self.node_id, view, owned)
+        local = LocalMap(self.node_id, view, owned)
+        if local.replicated:
+            self._open_groups(local)
+        self.local = local
         log.info("map adopted node=%s epoch=%d partitions_owned=%d", self.node_id, view.epoch, int(owned.sum()))
+
+    def _open_groups(self, local: LocalMap) -> None:
+        """Open the Raft group of every partition placed here that is not open yet."""
+        rep = self.replicator
+        if rep is None:
+            log.error(
+                "map has replicas=%d but node %s runs without --raft-port", local.view.proto.replicas, self.node_id
+            )
+            return
+        raft = {n.node_id: n.raft_address for n in local.view.proto.nodes if n.raft_address}
+        learn = getattr(rep, "learn_addresses", None)
+        if learn is not None:
+            learn({NodeId(n): a for n, a in raft.items()})
+        have = set(rep.partitions())
+        for part in np.flatnonzero(local.owned).tolist():
+            if part in have:
+                continue
+            replicas = list(local.view.proto.placement[part].node_ids)
+            missing = [n for n in replicas if n not in raft]
+            if missing:
+                log.error("partition %d: no raft address for %s; group not opened", part, missing)
+                continue
+            members = {NodeId(n): raft[n] for n in replicas}
+            members[NodeId(self.node_id)] = rep.address  # our own address as bound
+            rep.add_group(part, members)
 
 
 def _load_map(path: str) -> pb.ClusterMap | None:

@@ -6,8 +6,16 @@ Read path, per `get`:
    in-flight requests first), group by node;
 3. send one request per node, all at once, over each node's shared stream;
 4. on a routing error refresh the map and resend only the affected group; on an
-   unavailable node back off and retry until the deadline;
+   unavailable node mark it down for `DOWN_S` (reads then pick another replica), back off
+   and retry until the deadline;
 5. merge the per-node rows into one float32 matrix in the caller's order (numpy only).
+
+Writes go to each partition's leader: a per-partition cache of the leader's node index
+(replica 0 until a node says otherwise). A NOT_LEADER reply carries the leader of each
+refused partition; the client updates the cache and resends only that group at once (a
+bounded number of times, within the deadline); with no usable hint (an election is
+running, or the hinted node is marked down) it backs off briefly first. With one replica
+per partition the leader is always replica 0, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from kvclient._errors import (
     ClientError,
     DeadlineExceededError,
     KvError,
+    NotLeaderError,
     RoutingError,
     UnavailableError,
 )
@@ -54,6 +63,11 @@ BuildRequest = Callable[[npt.NDArray[np.intp], int], pb.DataRequest]
 """Builds one node's request from positions into the batch's ids and the map epoch."""
 _Answer = tuple[npt.NDArray[np.intp], pb.DataResponse]
 _Failure = tuple[npt.NDArray[np.intp], KvError]
+
+DOWN_S = 1.0
+"""How long a node that failed to answer is skipped when choosing a replica."""
+MAX_LEADER_CHASES = 30
+"""NOT_LEADER rounds per call (each resends at once or after a short backoff)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,8 @@ class AsyncClient:
         self._retry = retry or RetryPolicy()
         self._retry.validate()
         self._view: ClusterView | None = None
+        self._leaders: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
+        self._down_until: dict[str, float] = {}
         self._conns: dict[str, NodeConnection] = {}
         self._refreshing: asyncio.Task[ClusterView] | None = None
 
@@ -156,7 +172,13 @@ class AsyncClient:
 
     def _install(self, cmap: pb.ClusterMap) -> ClusterView:
         if self._view is None or cmap.epoch > self._view.epoch:
-            self._view = ClusterView.from_proto(cmap)
+            old_view, old_leaders = self._view, self._leaders
+            view = ClusterView.from_proto(cmap)
+            leaders = view.replica_index[:, 0].copy()
+            if old_view is not None and old_view.node_ids == view.node_ids and len(old_leaders) == len(leaders):
+                still = (view.replica_index == old_leaders[:, None]).any(axis=1)  # cached leader still a replica
+                leaders[still] = old_leaders[still]
+            self._view, self._leaders = view, leaders
             log.debug("cluster map installed epoch=%d", cmap.epoch)
         return self._view
 
@@ -221,6 +243,22 @@ class AsyncClient:
             try:
                 stats: pb.NodeStats = await conn.admin.GetNodeStats(pb.NodeStatsRequest(), timeout=2.0)
                 return stats
+            except Exception as exc:
+                return UnavailableError(f"node {conn.label}: {exc}")
+
+        return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
+
+    async def partition_status(self) -> list[pb.PartitionStatusResponse | KvError]:
+        """Return each node's view of its local Raft groups (or the error reaching it), in map order."""
+        view = await self.refresh_map()
+
+        async def one(node_id: str) -> pb.PartitionStatusResponse | KvError:
+            conn = self._connection(node_id, view.addresses[node_id])
+            try:
+                resp: pb.PartitionStatusResponse = await conn.admin.GetPartitionStatus(
+                    pb.PartitionStatusRequest(), timeout=2.0
+                )
+                return resp
             except Exception as exc:
                 return UnavailableError(f"node {conn.label}: {exc}")
 
@@ -377,21 +415,31 @@ class AsyncClient:
         answers: list[_Answer] = []
         seen: list[_Failure] = []  # retried errors, to name the node if the deadline ends it
         failures: list[_Failure] = []
-        for attempt in range(self._retry.max_attempts):
+        attempt = chases = 0
+        while True:
             view = self.view
             groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, write))
             outcomes = await asyncio.gather(
                 *(self._send(view, g, build, deadline) for g in groups),
                 return_exceptions=True,
             )
+            self._learn(view, groups, outcomes)
             retry, failures = self._sort_outcomes(groups, outcomes, answers)
             if not retry:
                 break
             seen.extend(retry)
-            if attempt + 1 == self._retry.max_attempts:
-                failures.extend(retry)
-                break
-            await self._recover(retry, deadline, attempt)
+            if all(isinstance(err, NotLeaderError) for _, err in retry) and chases < MAX_LEADER_CHASES:
+                # Only leadership moved: resend at once to the hinted leaders, or wait out an election.
+                chases += 1
+                if not self._hints_usable(view, retry):
+                    pause = self._retry.delay_s(min(chases, 3))
+                    await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            else:
+                attempt += 1
+                if attempt == self._retry.max_attempts:
+                    failures.extend(retry)
+                    break
+                await self._recover(retry, deadline, attempt - 1)
             if time.monotonic() >= deadline:
                 failures.extend(retry)
                 break
@@ -400,10 +448,55 @@ class AsyncClient:
             raise _worst(failures + seen)
         return answers
 
+    def _learn(
+        self, view: ClusterView, groups: list[NodeGroup], outcomes: list[pb.DataResponse | BaseException]
+    ) -> None:
+        """Mark unreachable nodes down for a while and record leader hints."""
+        now = time.monotonic()
+        for group, out in zip(groups, outcomes, strict=True):
+            node_id = view.node_ids[group.node]
+            if isinstance(out, pb.DataResponse):
+                self._down_until.pop(node_id, None)
+            elif isinstance(out, NotLeaderError) and view is self._view:
+                pos = {n: i for i, n in enumerate(view.node_ids)}
+                for part, leader in out.leaders.items():
+                    if leader in pos and 0 <= part < len(self._leaders):
+                        self._leaders[part] = pos[leader]
+            elif isinstance(out, UnavailableError) and not out.epoch:
+                # No epoch: the node itself did not answer (an in-band error carries one).
+                self._down_until[node_id] = now + DOWN_S
+
+    def _hints_usable(self, view: ClusterView, retry: list[_Failure]) -> bool:
+        """Whether every refused partition names a leader that is not marked down."""
+        for _, err in retry:
+            assert isinstance(err, NotLeaderError)
+            for leader in err.leaders.values():
+                if not leader or leader not in view.addresses or self._is_down(leader):
+                    return False
+        return True
+
+    def _is_down(self, node_id: str) -> bool:
+        until = self._down_until.get(node_id)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._down_until[node_id]
+            return False
+        return True
+
     def _routes(self, view: ClusterView, write: bool) -> npt.NDArray[np.intp]:
+        down = np.array([self._is_down(n) for n in view.node_ids], dtype=np.bool_)
         if write:
-            return view.replica_index[:, 0]
+            if view.proto.replicas <= 1:
+                return view.replica_index[:, 0]
+            leaders = self._leaders if len(self._leaders) == view.partitions else view.replica_index[:, 0]
+            if not down.any():
+                return leaders
+            # A cached leader that is down: ask a live replica, which names the new leader.
+            alive = choose_replicas(view.replica_index, np.where(down, np.inf, 0.0))
+            return np.where(down[leaders], alive, leaders)
         cost = np.array([self._conns[n].inflight if n in self._conns else 0 for n in view.node_ids], dtype=np.float64)
+        cost[down] = np.inf
         return choose_replicas(view.replica_index, cost)
 
     async def _send(self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float) -> pb.DataResponse:

@@ -44,6 +44,24 @@ class RoutingError(KvError):
     code = pb.STALE_MAP
 
 
+class NotLeaderError(RoutingError):
+    """A write reached a replica that does not lead its partition; `leaders` maps partition -> hint.
+
+    A hint of "" means no leader is known yet (an election is running): back off, then retry.
+    """
+
+    code = pb.NOT_LEADER
+
+    def __init__(self, message: str, *, field: str = "", epoch: int = 0, leaders: dict[int, str] | None = None) -> None:
+        super().__init__(message, field=field, epoch=epoch)
+        self.leaders = dict(leaders or {})
+
+    def to_proto(self) -> pb.Error:
+        err = super().to_proto()
+        err.leaders.extend(pb.PartitionLeader(partition=p, node_id=n) for p, n in sorted(self.leaders.items()))
+        return err
+
+
 class UnavailableError(KvError):
     """A node could not be reached or is overloaded: back off and retry."""
 
@@ -68,10 +86,14 @@ _BY_CODE: dict[pb.ErrorCode.ValueType, type[KvError]] = {
     pb.STALE_MAP: RoutingError,
     pb.UNAVAILABLE: UnavailableError,
     pb.INTERNAL: ServerError,
+    pb.NOT_LEADER: NotLeaderError,
 }
 
 
 def error_from_proto(err: pb.Error) -> KvError:
     """Rebuild the error class a server sent in-band."""
+    if err.code == pb.NOT_LEADER:
+        leaders = {int(h.partition): h.node_id for h in err.leaders}
+        return NotLeaderError(err.message, field=err.field, epoch=err.epoch, leaders=leaders)
     cls = _BY_CODE.get(err.code, ServerError)
     return cls(err.message, field=err.field, epoch=err.epoch)

@@ -82,6 +82,7 @@ class Client:
     drop_table = _blocking(AsyncClient.drop_table)
     list_tables = _blocking(AsyncClient.list_tables)
     node_stats = _blocking(AsyncClient.node_stats)
+    partition_status = _blocking(AsyncClient.partition_status)
     get = _blocking(AsyncClient.get)
     put = _blocking(AsyncClient.put)
     delete = _blocking(AsyncClient.delete)

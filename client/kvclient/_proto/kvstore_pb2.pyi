@@ -76,6 +76,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     UNAVAILABLE: _ErrorCode.ValueType  # 4
     """back off, retry within the deadline"""
     INTERNAL: _ErrorCode.ValueType  # 5
+    NOT_LEADER: _ErrorCode.ValueType  # 6
+    """write sent to a replica that does not lead the partition; see `leaders`"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -89,6 +91,8 @@ STALE_MAP: ErrorCode.ValueType  # 3
 UNAVAILABLE: ErrorCode.ValueType  # 4
 """back off, retry within the deadline"""
 INTERNAL: ErrorCode.ValueType  # 5
+NOT_LEADER: ErrorCode.ValueType  # 6
+"""write sent to a replica that does not lead the partition; see `leaders`"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
@@ -138,18 +142,22 @@ class NodeInfo(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    RAFT_ADDRESS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port of the node's gRPC server"""
+    raft_address: _builtins.str
+    """host:port of the node's Raft port (replicas > 1), fixed across restarts"""
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         address: _builtins.str = ...,
+        raft_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id", "raft_address", b"raft_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +408,29 @@ class DeleteResponse(_message.Message):
 Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
 @_typing.final
+class PartitionLeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    node_id: _builtins.str
+    """last known leader; empty while none is known (back off)"""
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionLeader: _TypeAlias = PartitionLeader  # noqa: Y015
+
+@_typing.final
 class Error(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -407,11 +438,16 @@ class Error(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    LEADERS_FIELD_NUMBER: _builtins.int
     code: Global___ErrorCode.ValueType
     message: _builtins.str
     field: _builtins.str
     epoch: _builtins.int
     """the server's epoch, a hint for STALE_MAP"""
+    @_builtins.property
+    def leaders(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionLeader]:
+        """NOT_LEADER: hints for the partitions refused"""
+
     def __init__(
         self,
         *,
@@ -419,10 +455,11 @@ class Error(_message.Message):
         message: _builtins.str = ...,
         field: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        leaders: _abc.Iterable[Global___PartitionLeader] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "epoch", b"epoch", "field", b"field", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "epoch", b"epoch", "field", b"field", "leaders", b"leaders", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,3 +711,92 @@ class NodeStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStats: _TypeAlias = NodeStats  # noqa: Y015
+
+@_typing.final
+class PartitionStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionStatusRequest: _TypeAlias = PartitionStatusRequest  # noqa: Y015
+
+@_typing.final
+class GroupStatus(_message.Message):
+    """One local replica's view of its partition's Raft group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MAX_FOLLOWER_LAG_FIELD_NUMBER: _builtins.int
+    FOLLOWERS_CONNECTED_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    node_id: _builtins.str
+    is_leader: _builtins.bool
+    leader: _builtins.str
+    """empty when unknown"""
+    term: _builtins.int
+    commit_index: _builtins.int
+    applied_index: _builtins.int
+    max_follower_lag: _builtins.int
+    """leader only: entries the slowest follower lacks"""
+    followers_connected: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        is_leader: _builtins.bool = ...,
+        leader: _builtins.str = ...,
+        term: _builtins.int = ...,
+        commit_index: _builtins.int = ...,
+        applied_index: _builtins.int = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        max_follower_lag: _builtins.int = ...,
+        followers_connected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "commit_index", b"commit_index", "followers_connected", b"followers_connected", "is_leader", b"is_leader", "leader", b"leader", "max_follower_lag", b"max_follower_lag", "members", b"members", "node_id", b"node_id", "partition", b"partition", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupStatus: _TypeAlias = GroupStatus  # noqa: Y015
+
+@_typing.final
+class PartitionStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupStatus]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        groups: _abc.Iterable[Global___GroupStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionStatusResponse: _TypeAlias = PartitionStatusResponse  # noqa: Y015

@@ -272,6 +272,11 @@ class AdminStub:
                 request_serializer=kvclient_dot___proto_dot_kvstore__pb2.NodeStatsRequest.SerializeToString,
                 response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.GetPartitionStatus = channel.unary_unary(
+                '/kvstore.v1.Admin/GetPartitionStatus',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -319,6 +324,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPartitionStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +367,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetNodeStats,
                     request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.NodeStatsRequest.FromString,
                     response_serializer=kvclient_dot___proto_dot_kvstore__pb2.NodeStats.SerializeToString,
+            ),
+            'GetPartitionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartitionStatus,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -547,6 +563,33 @@ class Admin:
             '/kvstore.v1.Admin/GetNodeStats',
             kvclient_dot___proto_dot_kvstore__pb2.NodeStatsRequest.SerializeToString,
             kvclient_dot___proto_dot_kvstore__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartitionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/GetPartitionStatus',
+            kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
