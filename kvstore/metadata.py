@@ -72,7 +72,7 @@ def _same_schema(a: pb.TableSchema, b: pb.TableSchema) -> bool:
     left.CopyFrom(a)
     right.CopyFrom(b)
     left.table_id = right.table_id = 0
-    return left == right
+    return bool(left == right)
 
 
 def create_table(cmap: pb.ClusterMap, schema: pb.TableSchema, if_not_exists: bool) -> pb.ClusterMap:
