@@ -7,7 +7,7 @@ with Client(["127.0.0.1:7000"]) as kv:
     res = kv.get("items", ids)       # res.values (K, 64) float32, res.found (K,) bool
 """
 
-from kvclient._aio import AsyncClient, RetryPolicy
+from kvclient._aio import AsyncClient, ClientStats, RetryPolicy
 from kvclient._batch import KeyStatus
 from kvclient._errors import (
     ClientError,
@@ -31,6 +31,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientError",
+    "ClientStats",
     "DeadlineExceededError",
     "FeaturesResult",
     "GetResult",

@@ -70,6 +70,21 @@ MAX_LEADER_CHASES = 30
 """NOT_LEADER rounds per call (each resends at once or after a short backoff)."""
 
 
+@dataclass
+class ClientStats:
+    """Monotonic counters of what a client did, for benchmarks and dashboards."""
+
+    calls: int = 0  # get/put/delete/feature calls that reached the network
+    node_requests: int = 0  # per-node sub-requests sent
+    routing_retries: int = 0  # retry rounds after a stale map
+    unavailable_retries: int = 0  # retry rounds after an unreachable node
+    leader_chases: int = 0  # resends to a hinted leader
+    map_refreshes: int = 0
+    failed_calls: int = 0  # calls that raised after their retries
+    partial_keys: int = 0  # keys returned with status ERROR under partial=True
+    hedges: int = 0  # hedged sub-requests (not implemented yet: always 0)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard a call tries before it gives up (always within its deadline)."""
@@ -114,6 +129,7 @@ class AsyncClient:
         self._transport: Transport = transport
         self._retry = retry or RetryPolicy()
         self._retry.validate()
+        self.stats = ClientStats()
         self._view: ClusterView | None = None
         self._leaders: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
         self._down_until: dict[str, float] = {}
@@ -151,6 +167,7 @@ class AsyncClient:
         return await asyncio.shield(self._refreshing)
 
     async def _fetch_map(self) -> ClusterView:
+        self.stats.map_refreshes += 1
         last: Exception | None = None
         for node_id, address in self._map_sources():
             conn = self._connection(node_id, address)
@@ -411,6 +428,7 @@ class AsyncClient:
     ) -> list[_Answer]:
         """Send each node its share of `ids`, retrying what can be retried; see module doc."""
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        self.stats.calls += 1
         todo = np.arange(len(ids), dtype=np.intp)
         answers: list[_Answer] = []
         seen: list[_Failure] = []  # retried errors, to name the node if the deadline ends it
@@ -419,6 +437,7 @@ class AsyncClient:
         while True:
             view = self.view
             groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, write))
+            self.stats.node_requests += len(groups)
             outcomes = await asyncio.gather(
                 *(self._send(view, g, build, deadline) for g in groups),
                 return_exceptions=True,
@@ -431,11 +450,16 @@ class AsyncClient:
             if all(isinstance(err, NotLeaderError) for _, err in retry) and chases < MAX_LEADER_CHASES:
                 # Only leadership moved: resend at once to the hinted leaders, or wait out an election.
                 chases += 1
+                self.stats.leader_chases += 1
                 if not self._hints_usable(view, retry):
                     pause = self._retry.delay_s(min(chases, 3))
                     await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
             else:
                 attempt += 1
+                if any(isinstance(err, UnavailableError) for _, err in retry):
+                    self.stats.unavailable_retries += 1
+                else:
+                    self.stats.routing_retries += 1
                 if attempt == self._retry.max_attempts:
                     failures.extend(retry)
                     break
@@ -445,7 +469,9 @@ class AsyncClient:
                 break
             todo = np.concatenate([pos for pos, _ in retry])
         if failures and not partial:
+            self.stats.failed_calls += 1
             raise _worst(failures + seen)
+        self.stats.partial_keys += sum(len(pos) for pos, _ in failures)
         return answers
 
     def _learn(

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 
 Transport = Literal["stream", "unary"]
 ERROR_METADATA_KEY = "kv-error-bin"
+# gRPC's default reconnect backoff (1 s growing to 120 s) keeps a restarted node looking down
+# for seconds after it serves again; a store client wants to find it within a few hundred ms.
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
 # Statuses that mean "this is not a kvstore node" rather than "the node or link failed".
 _NOT_OURS = {
     grpc.StatusCode.UNIMPLEMENTED,
@@ -63,7 +71,7 @@ class NodeConnection:
         self.address = address
         self.transport = transport
         self.inflight = 0
-        self._channel = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS + _RECONNECT_OPTIONS)
         self._data = pb_grpc.DataStub(self._channel)
         self.admin = pb_grpc.AdminStub(self._channel)
         self._ids = itertools.count(1)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from kvclient._aio import AsyncClient, RetryPolicy
+from kvclient._aio import AsyncClient, ClientStats, RetryPolicy
 from kvclient._clustermap import ClusterView
 from kvclient._connection import Transport
 
@@ -75,6 +75,11 @@ class Client:
     @property
     def view(self) -> ClusterView:
         return self._aio.view
+
+    @property
+    def stats(self) -> ClientStats:
+        """The live counters of the underlying `AsyncClient` (read them, do not write)."""
+        return self._aio.stats
 
     connect = _blocking(AsyncClient.connect)
     refresh_map = _blocking(AsyncClient.refresh_map)

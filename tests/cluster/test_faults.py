@@ -81,7 +81,9 @@ def test_down_node_gives_unavailable_naming_it_within_the_deadline(cluster: Loca
         with pytest.raises(UnavailableError, match="n3"):
             kv.get(TABLE, np.arange(3000), deadline_s=1.0)
         assert time.monotonic() - started < 4.0  # the deadline plus generous slack, never a hang
+        assert kv.stats.unavailable_retries > 0 and kv.stats.failed_calls == 1
         part = kv.get(TABLE, np.arange(3000), deadline_s=0.5, partial=True)
+        assert kv.stats.partial_keys == int(on_n3.sum())
         assert (part.status[on_n3] == KeyStatus.ERROR).all()
         assert part.found[~on_n3].all()
         np.testing.assert_array_equal(part.values[~on_n3], vectors[~on_n3])

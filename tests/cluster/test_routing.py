@@ -29,7 +29,9 @@ def test_stale_map_is_refreshed_and_the_request_retried(kv: Client) -> None:
     current = kv.view
 
     kv._aio._view = _rotated(current)  # as if this client missed a placement change
+    retries = kv.stats.routing_retries
     res = kv.get("routed", ids)
+    assert kv.stats.routing_retries > retries
     assert res.found.all()
     np.testing.assert_array_equal(res.values, vectors)
     assert kv.view.epoch == current.epoch
