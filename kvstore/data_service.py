@@ -181,14 +181,8 @@ class DataService(pb_grpc.DataServicer):
             else:
                 resp.delete.deleted = await self._replicated_write(req.delete.table, req.delete.ids, None)
                 resp.delete.epoch = self.state.epoch
-        except KvError as err:
-            if not err.epoch:
-                err.epoch = self.state.epoch
-            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
         except Exception as exc:  # a bug must not kill the stream for everyone on it
-            log.exception("replicated write failed node=%s", self.state.node_id)
-            bug = ServerError(f"node {self.state.node_id}: {exc!r}")
-            resp = pb.DataResponse(request_id=req.request_id, error=bug.to_proto())
+            resp = self._error_reply(req.request_id, exc)
         return resp
 
     async def _replicated_write(self, table: str, ids_buf: bytes, put: pb.PutRequest | None) -> int:
@@ -310,15 +304,19 @@ class DataService(pb_grpc.DataServicer):
                 self._delete(req.delete, resp.delete)
             else:
                 raise ClientError("op: request carries no get, put or delete", field="op")
-        except KvError as err:
-            if not err.epoch:
-                err.epoch = self.state.epoch
-            resp = pb.DataResponse(request_id=req.request_id, error=err.to_proto())
         except Exception as exc:  # a bug must not kill the stream for everyone on it
-            log.exception("request failed node=%s", self.state.node_id)
-            bug = ServerError(f"node {self.state.node_id}: {exc!r}")
-            resp = pb.DataResponse(request_id=req.request_id, error=bug.to_proto())
+            resp = self._error_reply(req.request_id, exc)
         return resp
+
+    def _error_reply(self, request_id: int, exc: Exception) -> pb.DataResponse:
+        """Turn a failure into an in-band error reply carrying this node's epoch."""
+        if isinstance(exc, KvError):
+            if not exc.epoch:
+                exc.epoch = self.state.epoch
+            return pb.DataResponse(request_id=request_id, error=exc.to_proto())
+        log.exception("request failed node=%s", self.state.node_id, exc_info=exc)
+        bug = ServerError(f"node {self.state.node_id}: {exc!r}")
+        return pb.DataResponse(request_id=request_id, error=bug.to_proto())
 
     def _route(
         self, table: str, ids_buf: bytes
