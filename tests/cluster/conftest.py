@@ -35,12 +35,6 @@ def pytest_runtest_makereport(
     return report
 
 
-def start_cluster(root: str, nodes: int = 3, partitions: int = 16, cache_bytes: str = "32MiB") -> LocalCluster:
-    cluster = LocalCluster.open(root)
-    cluster.up(nodes, partitions=partitions, cache_bytes=cache_bytes)
-    return cluster
-
-
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One 3-node cluster shared by a test module (tests use their own table names)."""
