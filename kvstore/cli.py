@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="fixed Raft port (needed for replicas > 1; keep it across restarts). "
-        "The cluster secret comes from $KVSTORE_RAFT_SECRET or the file named by $KVSTORE_RAFT_SECRET_FILE",
+        "The cluster secret comes from $KVSTORE_RAFT_SECRET or the file named by $KVSTORE_RAFT_SECRET_FILE "
+        "(required unless --host is loopback)",
+    )
+    node.add_argument(
+        "--raft-synced",
+        action="store_true",
+        help="fsync the Raft log before acknowledging: writes survive power loss, at a latency cost",
     )
 
     cluster = sub.add_parser("cluster", help="start or stop a local cluster")
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", default=DEFAULT_DIR)
     up.add_argument("--partitions", type=int, default=64)
     up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--raft-synced", action="store_true", help="replicated clusters: fsync every Raft log append")
     up.add_argument("--cache-bytes", default="256MiB")
     up.add_argument("--detach", action="store_true", help="return once the cluster serves")
     down = csub.add_parser("down", help="stop the local cluster")
@@ -154,6 +161,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         block_cache_bytes=parse_bytes(args.block_cache_bytes),
         raft_port=args.raft_port,
         raft_secret=_raft_secret(),
+        raft_synced=args.raft_synced,
     ).validate()
     asyncio.run(serve(config))
     return 0
@@ -178,7 +186,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         )
         return 0
     parse_bytes(args.cache_bytes)
-    seeds = cluster.up(args.nodes, partitions=args.partitions, replicas=args.replicas, cache_bytes=args.cache_bytes)
+    seeds = cluster.up(
+        args.nodes,
+        partitions=args.partitions,
+        replicas=args.replicas,
+        cache_bytes=args.cache_bytes,
+        raft_synced=args.raft_synced,
+    )
     console.print(f"cluster of {len(seeds)} node(s) serving; connect with seeds: [bold]{','.join(seeds)}[/bold]")
     console.print(f"data and logs: {cluster.root}")
     if args.detach:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,13 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything a node process needs to start."""
@@ -33,6 +41,7 @@ class NodeConfig:
     map_sync_interval_s: float = 1.0
     raft_port: int = 0  # > 0: run the Raft replicator on this fixed port (clusters with replicas > 1)
     raft_secret: bytes | None = None  # shared cluster secret authenticating Raft peers; None: none (loopback dev)
+    raft_synced: bool = False  # fsync the Raft log on every append: acknowledged writes survive power loss
 
     def validate(self) -> NodeConfig:
         """Return self, or raise ValueError naming the bad field."""
@@ -48,6 +57,11 @@ class NodeConfig:
             )
         if not 0 <= self.raft_port <= 65535:
             raise ValueError(f"raft_port: {self.raft_port} is not in 0..65535")
+        if self.raft_port and not self.raft_secret and not _is_loopback(self.host):
+            raise ValueError(
+                f"raft_secret: required when the node listens on {self.host}, not loopback "
+                "(set $KVSTORE_RAFT_SECRET or $KVSTORE_RAFT_SECRET_FILE)"
+            )
         if self.map_sync_interval_s <= 0:
             raise ValueError(f"map_sync_interval_s: {self.map_sync_interval_s} must be > 0")
         return self

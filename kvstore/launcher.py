@@ -2,7 +2,7 @@
 
 Layout of the folder: `cluster.json` (what is running: pids, addresses), and per node
 `n<i>/` (its RocksDB, map, `node.json` and, with replicas > 1, `raft.json` holding the
-node's fixed Raft port and `raft/` its Raft log) plus `n<i>.log`. With replicas > 1 the
+node's fixed Raft port and synced flag, and `raft/` its Raft log) plus `n<i>.log`. With replicas > 1 the
 folder also holds `raft.secret` (mode 0600), the cluster secret the nodes read through
 $KVSTORE_RAFT_SECRET_FILE. Processes are started in their own session so a terminal's
 Ctrl-C does not hit them mid-write, and are stopped by pid, only after checking the pid
@@ -90,6 +90,7 @@ class LocalCluster:
         partitions: int = 64,
         replicas: int = 1,
         cache_bytes: str = "256MiB",
+        raft_synced: bool = False,
         timeout_s: float = 30.0,
     ) -> list[str]:
         """Start every node, bootstrap a new cluster if needed; return the addresses.
@@ -111,7 +112,7 @@ class LocalCluster:
         if not self.nodes:
             self.nodes = [self._describe(f"n{i}") for i in range(1, nodes + 1)]
         if replicas > 1:
-            self._prepare_raft()
+            self._prepare_raft(raft_synced)
         try:
             for node in self.nodes:
                 self.start_node(node.node_id, cache_bytes=cache_bytes)
@@ -124,8 +125,8 @@ class LocalCluster:
             raise
         return self.seeds
 
-    def _prepare_raft(self) -> None:
-        """Generate the cluster secret and each node's fixed Raft port, once per folder."""
+    def _prepare_raft(self, synced: bool) -> None:
+        """Generate the cluster secret and each node's fixed Raft port (once per folder); record `synced`."""
         secret_path = os.path.join(self.root, SECRET_FILE)
         if not os.path.exists(secret_path):
             fd = os.open(secret_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -136,14 +137,15 @@ class LocalCluster:
         for node in self.nodes:
             os.makedirs(node.data_dir, exist_ok=True)
             path = os.path.join(node.data_dir, RAFT_FILE)
-            if raft_port(node.data_dir) == 0:
+            port = raft_port(node.data_dir)
+            if port == 0:
                 port = _free_port()
                 while port in taken:  # the OS may hand the same free port out twice
                     port = _free_port()
                 taken.add(port)
-                with open(path + ".tmp", "w") as f:
-                    json.dump({"raft_port": port}, f)
-                os.replace(path + ".tmp", path)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"raft_port": port, "synced": synced}, f)
+            os.replace(path + ".tmp", path)
 
     def start_node(self, node_id: str, *, cache_bytes: str = "256MiB") -> NodeProcess:
         """Start one node process (also used to restart a stopped node)."""
@@ -170,6 +172,8 @@ class LocalCluster:
         port = raft_port(node.data_dir)
         if port:
             cmd += ["--raft-port", str(port)]
+            if (_read_json(os.path.join(node.data_dir, RAFT_FILE)) or {}).get("synced"):
+                cmd.append("--raft-synced")
             secret_path = os.path.join(self.root, SECRET_FILE)
             if os.path.exists(secret_path):
                 env.pop("KVSTORE_RAFT_SECRET", None)  # the folder's secret, whatever the caller's shell has

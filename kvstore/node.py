@@ -90,7 +90,7 @@ def _start_replicator(config: NodeConfig, store: Store) -> PySyncObjReplicator |
             bind_host=config.host,
             port=config.raft_port,
             secret=config.raft_secret,
-            synced=False,
+            synced=config.raft_synced,
         ),
         StoreStateMachine(store),
     )

@@ -60,6 +60,26 @@ FEATURES: TableKind.ValueType  # 2
 """one msgpack map per key"""
 Global___TableKind: _TypeAlias = TableKind  # noqa: Y015
 
+class _Consistency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsistencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Consistency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANY_REPLICA: _Consistency.ValueType  # 0
+    """any live replica; a follower may lag the leader by a few ms"""
+    LEADER: _Consistency.ValueType  # 1
+    """the partition leader only: sees every write acknowledged before"""
+
+class Consistency(_Consistency, metaclass=_ConsistencyEnumTypeWrapper):
+    """---- data ----"""
+
+ANY_REPLICA: Consistency.ValueType  # 0
+"""any live replica; a follower may lag the leader by a few ms"""
+LEADER: Consistency.ValueType  # 1
+"""the partition leader only: sees every write acknowledged before"""
+Global___Consistency: _TypeAlias = Consistency  # noqa: Y015
+
 class _ErrorCode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -77,7 +97,7 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """back off, retry within the deadline"""
     INTERNAL: _ErrorCode.ValueType  # 5
     NOT_LEADER: _ErrorCode.ValueType  # 6
-    """write sent to a replica that does not lead the partition; see `leaders`"""
+    """write or leader read sent to a replica that does not lead the partition; see `leaders`"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -92,7 +112,7 @@ UNAVAILABLE: ErrorCode.ValueType  # 4
 """back off, retry within the deadline"""
 INTERNAL: ErrorCode.ValueType  # 5
 NOT_LEADER: ErrorCode.ValueType  # 6
-"""write sent to a replica that does not lead the partition; see `leaders`"""
+"""write or leader read sent to a replica that does not lead the partition; see `leaders`"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
@@ -197,6 +217,7 @@ class ClusterMap(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
     META_NODE_ID_FIELD_NUMBER: _builtins.int
+    META_NODE_IDS_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     epoch: _builtins.int
     """bumped on every change"""
@@ -205,7 +226,7 @@ class ClusterMap(_message.Message):
     replicas: _builtins.int
     """target copies per partition"""
     meta_node_id: _builtins.str
-    """node that owns metadata changes"""
+    """single-copy clusters: the node that owns metadata changes"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]: ...
     @_builtins.property
@@ -214,6 +235,12 @@ class ClusterMap(_message.Message):
 
     @_builtins.property
     def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableSchema]: ...
+    @_builtins.property
+    def meta_node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replicated clusters: members of the metadata Raft group (up to 5 nodes); its
+        leader applies metadata changes and any member serves the committed map.
+        """
+
     def __init__(
         self,
         *,
@@ -225,10 +252,11 @@ class ClusterMap(_message.Message):
         placement: _abc.Iterable[Global___PartitionReplicas] | None = ...,
         tables: _abc.Iterable[Global___TableSchema] | None = ...,
         meta_node_id: _builtins.str = ...,
+        meta_node_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "epoch", b"epoch", "meta_node_id", b"meta_node_id", "nodes", b"nodes", "partitions", b"partitions", "placement", b"placement", "replicas", b"replicas", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "epoch", b"epoch", "meta_node_id", b"meta_node_id", "meta_node_ids", b"meta_node_ids", "nodes", b"nodes", "partitions", b"partitions", "placement", b"placement", "replicas", b"replicas", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,28 +264,30 @@ Global___ClusterMap: _TypeAlias = ClusterMap  # noqa: Y015
 
 @_typing.final
 class GetRequest(_message.Message):
-    """---- data ----"""
-
     DESCRIPTOR: _descriptor.Descriptor
 
     TABLE_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     ids: _builtins.bytes
     """K little-endian uint64"""
     epoch: _builtins.int
     """the caller's cluster-map epoch"""
+    consistency: Global___Consistency.ValueType
+    """LEADER: refused with NOT_LEADER by any other replica"""
     def __init__(
         self,
         *,
         table: _builtins.str = ...,
         ids: _builtins.bytes = ...,
         epoch: _builtins.int = ...,
+        consistency: Global___Consistency.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "epoch", b"epoch", "ids", b"ids", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -800,3 +830,68 @@ class PartitionStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PartitionStatusResponse: _TypeAlias = PartitionStatusResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaRequest(_message.Message):
+    """---- replica membership (the rebalancer's primitives) ----
+
+    One membership step on one partition's Raft group. Changes run on the group's
+    leader (others reply NOT_LEADER with a hint), one change per group at a time.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MAX_LAG_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    node_id: _builtins.str
+    """the replica opened, added, awaited, removed or closed; transfer: target ("" = best follower)"""
+    timeout_ms: _builtins.int
+    """0: the server's default"""
+    max_lag: _builtins.int
+    """WaitCaughtUp: entries the replica may still lack"""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]:
+        """OpenReplica: every member of the group, this node included (raft_address set)"""
+
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+        members: _abc.Iterable[Global___NodeInfo] | None = ...,
+        max_lag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_lag", b"max_lag", "members", b"members", "node_id", b"node_id", "partition", b"partition", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaRequest: _TypeAlias = ReplicaRequest  # noqa: Y015
+
+@_typing.final
+class ReplicaReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___GroupStatus:
+        """the answering replica's view after the step"""
+
+    def __init__(
+        self,
+        *,
+        status: Global___GroupStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaReply: _TypeAlias = ReplicaReply  # noqa: Y015

@@ -599,3 +599,296 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReplicasStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenReplica = channel.unary_unary(
+                '/kvstore.v1.Replicas/OpenReplica',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.AddReplica = channel.unary_unary(
+                '/kvstore.v1.Replicas/AddReplica',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.WaitCaughtUp = channel.unary_unary(
+                '/kvstore.v1.Replicas/WaitCaughtUp',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.TransferLeader = channel.unary_unary(
+                '/kvstore.v1.Replicas/TransferLeader',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.RemoveReplica = channel.unary_unary(
+                '/kvstore.v1.Replicas/RemoveReplica',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.CloseReplica = channel.unary_unary(
+                '/kvstore.v1.Replicas/CloseReplica',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+
+
+class ReplicasServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def OpenReplica(self, request, context):
+        """on the new node: start an empty replica
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddReplica(self, request, context):
+        """on the leader: add node_id as a voter
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitCaughtUp(self, request, context):
+        """on the leader
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferLeader(self, request, context):
+        """on the leader
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveReplica(self, request, context):
+        """on the leader (never itself: transfer first)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseReplica(self, request, context):
+        """on the removed node: stop and delete its copy
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicasServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenReplica,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+            'AddReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReplica,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+            'WaitCaughtUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitCaughtUp,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+            'TransferLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferLeader,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+            'RemoveReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveReplica,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+            'CloseReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseReplica,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvstore.v1.Replicas', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvstore.v1.Replicas', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replicas:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def OpenReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/OpenReplica',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/AddReplica',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitCaughtUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/WaitCaughtUp',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/TransferLeader',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/RemoveReplica',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Replicas/CloseReplica',
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
