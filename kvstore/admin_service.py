@@ -1,8 +1,10 @@
 """The Admin gRPC service: cluster map, tables, bootstrap, node statistics.
 
-Metadata changes run on the metadata node named in the map (any other node forwards them
-there), one at a time; the new map is persisted, adopted, then pushed to every node. A node
-that misses a push catches up through its periodic map sync (`Peers.sync_loop`).
+Metadata changes run one at a time where metadata lives, and any other node forwards them
+there: in a replicated cluster on the leader of the metadata Raft group, which commits
+the new map through the group (`kvstore.meta_group`); in a single-copy cluster on the
+metadata node named in the map, which persists it. Either then pushes the map to every
+node; a node that misses a push catches up through its periodic map sync (`Peers.sync_once`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,33 @@ from kvclient._connection import error_from_rpc
 from kvclient._errors import ClientError, KvError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore import metadata
+from kvstore import metadata, replication
 from kvstore.data_service import abort_with
+from kvstore.meta_group import META_GROUP, OK, encode_change
 from kvstore.peers import Peers
+from kvstore.replication import PartitionGroup
 from kvstore.state import NodeState
 
 log = logging.getLogger(__name__)
 
 Change = Callable[[pb.ClusterMap], pb.ClusterMap]
-Forward = Callable[[pb_grpc.AdminStub], Awaitable[pb.ClusterMap]]
+Metadata = tuple[tuple[str, str], ...]
+Forward = Callable[[pb_grpc.AdminStub, Metadata], Awaitable[pb.ClusterMap]]
+
+HOPS_KEY = "kv-meta-hops"
+"""Request metadata: how many nodes forwarded this change already (at most MAX_HOPS)."""
+MAX_HOPS = 2
+CHANGE_TIMEOUT_S = 10.0
+"""How long the node a change arrived at keeps looking for a metadata leader."""
+PROPOSE_TIMEOUT_S = 5.0
+CAS_ATTEMPTS = 5
+
+
+def _hops(context: grpc.aio.ServicerContext) -> int:
+    for key, value in context.invocation_metadata() or ():
+        if key == HOPS_KEY:
+            return int(value)
+    return 0
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -36,6 +56,7 @@ class AdminService(pb_grpc.AdminServicer):
         self.state = state
         self.peers = peers
         self._meta_lock = asyncio.Lock()
+        self._next_member = 0
 
     async def GetClusterMap(self, request: pb.GetClusterMapRequest, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
         local = self.state.local
@@ -69,21 +90,21 @@ class AdminService(pb_grpc.AdminServicer):
         return await self._guarded(
             context,
             lambda cmap: metadata.create_table(cmap, request.schema, request.if_not_exists),
-            lambda stub: stub.CreateTable(request, timeout=5.0),
+            lambda stub, md: stub.CreateTable(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
         )
 
     async def DropTable(self, request: pb.DropTableRequest, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
         return await self._guarded(
             context,
             lambda cmap: metadata.drop_table(cmap, request.name),
-            lambda stub: stub.DropTable(request, timeout=5.0),
+            lambda stub, md: stub.DropTable(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
         )
 
     async def RegisterNode(self, request: pb.NodeInfo, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
         return await self._guarded(
             context,
             lambda cmap: metadata.register_node(cmap, request),
-            lambda stub: stub.RegisterNode(request, timeout=5.0),
+            lambda stub, md: stub.RegisterNode(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
         )
 
     async def GetNodeStats(self, request: pb.NodeStatsRequest, context: grpc.aio.ServicerContext) -> pb.NodeStats:  # noqa: N802
@@ -134,28 +155,96 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:
         try:
-            return await self.change(change, forward)
+            return await self.change(change, forward, _hops(context))
         except KvError as err:
             await abort_with(context, err)
             raise
 
-    async def change(self, change: Change, forward: Forward) -> pb.ClusterMap:
-        """Apply a metadata change here if this node owns metadata, else forward it."""
+    async def change(self, change: Change, forward: Forward, hops: int = 0) -> pb.ClusterMap:
+        """Apply a metadata change where metadata lives, or forward it there; return the new map."""
         local = self.state.current()
+        if local.meta_members:
+            return await self._replicated_change(change, forward, hops)
         meta_id = local.view.proto.meta_node_id
         if meta_id != self.state.node_id:
-            address = local.view.addresses[meta_id]
-            try:
-                cmap = await forward(self.peers.admin(address))
-            except grpc.aio.AioRpcError as err:
-                raise error_from_rpc(err, f"{meta_id} at {address}") from None
-            self.state.apply_map(cmap)
-            return cmap
+            return await self._forward(forward, meta_id, hops)
         async with self._meta_lock:
             cmap = change(self.state.current().view.proto)
             if self.state.apply_map(cmap):
                 await self.peers.push(cmap, self.state.node_id)
             return cmap
+
+    async def _forward(self, forward: Forward, node_id: str, hops: int) -> pb.ClusterMap:
+        address = self.state.current().view.addresses[node_id]
+        try:
+            cmap = await forward(self.peers.admin(address), ((HOPS_KEY, str(hops + 1)),))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, f"{node_id} at {address}") from None
+        self.state.apply_map(cmap)
+        return cmap
+
+    async def _replicated_change(self, change: Change, forward: Forward, hops: int) -> pb.ClusterMap:
+        """Commit on the metadata leader; the node a change first reached retries until one is found."""
+        deadline = time.monotonic() + CHANGE_TIMEOUT_S
+        delay = 0.05
+        while True:
+            group = self._meta_group()
+            try:
+                if group is not None and group.is_leader():
+                    return await self._commit(change, group)
+                target = self._meta_target(group)
+                if target is None or hops >= MAX_HOPS:
+                    raise UnavailableError(f"node {self.state.node_id}: no metadata leader known, retry")
+                return await self._forward(forward, target, hops)
+            except (UnavailableError, replication.NotLeaderError) as err:
+                if hops or time.monotonic() + delay > deadline:
+                    if isinstance(err, UnavailableError):
+                        raise
+                    raise UnavailableError(f"node {self.state.node_id}: lost metadata leadership, retry") from None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+    def _meta_group(self) -> PartitionGroup | None:
+        rep = self.state.replicator
+        if rep is None or META_GROUP not in rep.partitions():
+            return None
+        return rep.group(META_GROUP)
+
+    def _meta_target(self, group: PartitionGroup | None) -> str | None:
+        """The metadata leader if this member knows it, else the next other member in turn."""
+        if group is not None:
+            leader = group.leader()
+            return str(leader) if leader and leader != self.state.node_id else None
+        others = [n for n in self.state.current().meta_members if n != self.state.node_id]
+        if not others:
+            return None
+        self._next_member += 1
+        return others[self._next_member % len(others)]
+
+    async def _commit(self, change: Change, group: PartitionGroup) -> pb.ClusterMap:
+        """Propose the change on the committed map; recompute when a racing change landed first."""
+        async with self._meta_lock:
+            for _ in range(CAS_ATTEMPTS):
+                meta = self.state.meta
+                base = (meta.map if meta is not None else None) or self.state.current().view.proto
+                cmap = change(base)
+                if cmap is base:
+                    return base
+                try:
+                    result = await asyncio.to_thread(group.propose, encode_change(base.epoch, cmap), PROPOSE_TIMEOUT_S)
+                except replication.ProposalTimeoutError:
+                    raise UnavailableError(
+                        f"node {self.state.node_id}: metadata change not committed in time (it may still be)"
+                    ) from None
+                except replication.NotLeaderError:
+                    raise
+                except replication.ReplicationError as err:
+                    raise UnavailableError(f"node {self.state.node_id}: metadata change failed: {err}") from None
+                if result == OK:
+                    self.state.apply_map(cmap)
+                    await self.peers.push(cmap, self.state.node_id)
+                    return cmap
+            raise UnavailableError(f"node {self.state.node_id}: metadata change kept racing other changes, retry")
 
     async def register_self(self) -> None:
         """Tell the metadata node this node's current address (it may have changed)."""
@@ -163,9 +252,13 @@ class AdminService(pb_grpc.AdminServicer):
         me = pb.NodeInfo(
             node_id=self.state.node_id, address=self.state.address, raft_address=rep.address if rep else ""
         )
+        local = self.state.current()
+        if metadata.register_node(local.view.proto, me) is local.view.proto:
+            return  # the map already has this address
         try:
             await self.change(
-                lambda cmap: metadata.register_node(cmap, me), lambda stub: stub.RegisterNode(me, timeout=2.0)
+                lambda cmap: metadata.register_node(cmap, me),
+                lambda stub, md: stub.RegisterNode(me, timeout=CHANGE_TIMEOUT_S, metadata=md),
             )
-        except (KvError, UnavailableError) as err:
+        except KvError as err:
             log.warning("register failed node=%s error=%s", self.state.node_id, err)

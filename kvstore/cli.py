@@ -254,7 +254,7 @@ def _status_doc(cmap: Any, stats: list[Any]) -> dict[str, Any]:
         row: dict[str, Any] = {
             "node_id": info.node_id,
             "address": info.address,
-            "meta": info.node_id == cmap.meta_node_id,
+            "meta": info.node_id in (cmap.meta_node_ids or [cmap.meta_node_id]),
             "partitions": sum(info.node_id in p.node_ids for p in cmap.placement),
         }
         if isinstance(st, Exception):
@@ -281,6 +281,7 @@ def _status_doc(cmap: Any, stats: list[Any]) -> dict[str, Any]:
         "partitions": cmap.partitions,
         "replicas": cmap.replicas,
         "meta_node_id": cmap.meta_node_id,
+        "meta_node_ids": list(cmap.meta_node_ids),
         "nodes": nodes,
         "tables": tables,
     }
@@ -292,15 +293,16 @@ def _add_replication(doc: dict[str, Any], cmap: Any, groups: list[Any]) -> None:
         {"partition": p, "replicas": list(r.node_ids), "leader": None, "term": 0, "commit_index": 0, "applied": {}}
         for p, r in enumerate(cmap.placement)
     ]
+    meta: dict[str, Any] = {"members": list(cmap.meta_node_ids), "leader": None, "term": 0, "applied": {}}
     for info, resp, node in zip(cmap.nodes, groups, doc["nodes"], strict=True):
         if isinstance(resp, Exception):
             continue
         for g in resp.groups:
-            row = parts[g.partition]
+            row = parts[g.partition] if g.partition < len(parts) else meta
             row["applied"][info.node_id] = g.applied_index
             if g.is_leader and g.term >= row["term"]:
                 row.update(leader=info.node_id, term=g.term, commit_index=g.commit_index)
-        node["leads"] = sum(1 for g in resp.groups if g.is_leader)
+        node["leads"] = sum(1 for g in resp.groups if g.is_leader and g.partition < len(parts))
     for row in parts:
         top = row["commit_index"] or max(row["applied"].values(), default=0)
         row["lag"] = {n: max(0, top - a) for n, a in row["applied"].items()}
@@ -309,10 +311,16 @@ def _add_replication(doc: dict[str, Any], cmap: Any, groups: list[Any]) -> None:
         if node["node_id"] in {n for row in parts for n in row["applied"]}:
             node["max_lag"] = max(lags, default=0)
     doc["partition_status"] = parts
+    doc["metadata_group"] = meta
 
 
 def _print_replication(doc: dict[str, Any]) -> None:
     parts = doc["partition_status"]
+    meta = doc["metadata_group"]
+    console.print(
+        f"metadata group: members {','.join(meta['members']) or '-'}  "
+        f"leader {meta['leader'] or '[red]none[/red]'}  term {meta['term']}"
+    )
     leaderless = [str(p["partition"]) for p in parts if not p["leader"]]
     table = Table(title="replication (Raft groups)")
     for name in ("node", "holds", "leads", "max lag"):

@@ -1,8 +1,9 @@
 """Cluster-map transitions: pure functions from one map (and a request) to the next.
 
-The metadata owner applies them and pushes the result; every other node only adopts maps
-with a higher epoch. Each function returns a new map with epoch + 1, or raises
-`ClientError` naming what is wrong; the input map is never modified.
+The metadata owner (the metadata group's leader in a replicated cluster) applies them and
+commits or pushes the result; every other node only adopts maps with a higher epoch. Each
+function returns a new map with epoch + 1 (or the input itself when nothing changes), or
+raises `ClientError` naming what is wrong; the input map is never modified.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from kvclient._codec import check_dim, check_table_name
 from kvclient._errors import ClientError, UnknownTableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._ring import place
+from kvstore.meta_group import meta_members
 
 MAX_PARTITIONS = 4096
 
 
 def bootstrap(nodes: Sequence[pb.NodeInfo], partitions: int, replicas: int, cluster_id: str = "") -> pb.ClusterMap:
-    """Return the first map (epoch 1) of a new cluster; the first node owns metadata."""
+    """Return the first map (epoch 1) of a new cluster.
+
+    Single-copy: the first node owns metadata. Replicated: the first 3 (or 5) nodes form
+    the metadata Raft group, and every node needs a Raft address.
+    """
     if not nodes:
         raise ClientError("nodes: bootstrap needs at least one node", field="nodes")
     ids = [n.node_id for n in nodes]
@@ -29,6 +35,12 @@ def bootstrap(nodes: Sequence[pb.NodeInfo], partitions: int, replicas: int, clus
         raise ClientError(f"partitions: {partitions} is not in 1..{MAX_PARTITIONS}", field="partitions")
     if replicas < 1:
         raise ClientError(f"replicas: {replicas} must be >= 1", field="replicas")
+    if replicas > 1:
+        lacking = [n.node_id for n in nodes if not n.raft_address]
+        if lacking:
+            raise ClientError(
+                f"nodes: replicas > 1 needs a raft_address for every node, missing {lacking}", field="nodes"
+            )
     placement = place(partitions, replicas, dict.fromkeys(ids, 1.0))
     return pb.ClusterMap(
         cluster_id=cluster_id or uuid.uuid4().hex[:12],
@@ -38,6 +50,7 @@ def bootstrap(nodes: Sequence[pb.NodeInfo], partitions: int, replicas: int, clus
         nodes=list(nodes),
         placement=[pb.PartitionReplicas(node_ids=reps) for reps in placement],
         meta_node_id=ids[0],
+        meta_node_ids=meta_members(ids) if replicas > 1 else [],
     )
 
 

@@ -3,8 +3,9 @@
 Threads: one asyncio event loop runs the gRPC server (requests are served inline on it),
 the map sync loop and metadata changes; gRPC's own completion-queue threads; RocksDB's
 background threads. With `--raft-port` (clusters with replicas > 1) the Raft replicator
-starts before the node serves: its driver thread runs every partition group and applies
-committed commands to the store; replicated writes wait for their commit on a thread pool.
+starts before the node serves: its driver thread runs every partition group (and, on
+metadata members, the metadata group) and applies committed commands to the store;
+replicated writes wait for their commit on a thread pool.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.admin_service import AdminService
 from kvstore.config import NodeConfig
 from kvstore.data_service import DataService
+from kvstore.meta_group import GroupStateMachines, MetaStateMachine
 from kvstore.peers import Peers
 from kvstore.replication import NodeId
 from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
@@ -69,17 +71,19 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     config.validate()
     os.makedirs(config.data_dir, exist_ok=True)
     store = Store(RocksEngine(config.db_path, block_cache_bytes=config.block_cache_bytes), config.cache_bytes)
+    meta = MetaStateMachine()
     replicator: PySyncObjReplicator | None = None
     try:
-        replicator = _start_replicator(config, store)
-        await _serve(config, store, replicator, stop)
+        replicator = _start_replicator(config, store, meta)
+        await _serve(config, store, replicator, meta, stop)
     finally:
         if replicator is not None:
             replicator.close()
+        meta.close()
         store.close()
 
 
-def _start_replicator(config: NodeConfig, store: Store) -> PySyncObjReplicator | None:
+def _start_replicator(config: NodeConfig, store: Store, meta: MetaStateMachine) -> PySyncObjReplicator | None:
     """Start the Raft replicator on the node's fixed port (only for replicated clusters)."""
     if not config.raft_port:
         return None
@@ -92,16 +96,20 @@ def _start_replicator(config: NodeConfig, store: Store) -> PySyncObjReplicator |
             secret=config.raft_secret,
             synced=config.raft_synced,
         ),
-        StoreStateMachine(store),
+        GroupStateMachines(StoreStateMachine(store), meta),
     )
     rep.start()
     return rep
 
 
 async def _serve(
-    config: NodeConfig, store: Store, replicator: PySyncObjReplicator | None, stop: asyncio.Event | None
+    config: NodeConfig,
+    store: Store,
+    replicator: PySyncObjReplicator | None,
+    meta: MetaStateMachine,
+    stop: asyncio.Event | None,
 ) -> None:
-    state = NodeState(config, store, replicator)
+    state = NodeState(config, store, replicator, meta if replicator is not None else None)
     peers = Peers()
     admin = AdminService(state, peers)
     server = grpc.aio.server(options=GRPC_CHANNEL_OPTIONS)

@@ -22,6 +22,7 @@ class Peers:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._turn = 0
 
     def admin(self, address: str) -> pb_grpc.AdminStub:
         channel = self._channels.get(address)
@@ -42,11 +43,20 @@ class Peers:
                 log.warning("map push failed node=%s epoch=%d error=%s", node.node_id, cmap.epoch, result)
 
     async def sync_once(self, state: NodeState) -> None:
-        """Adopt the metadata node's map if it is newer than ours."""
+        """Adopt a metadata holder's map if it is newer than ours.
+
+        Single-copy clusters pull from the metadata node; in a replicated cluster a
+        non-member pulls from the metadata members in turn (members get every committed map
+        from their own Raft group).
+        """
         local = state.local
-        if local is None or local.view.proto.meta_node_id == state.node_id:
+        if local is None:
             return
-        address = local.view.addresses[local.view.proto.meta_node_id]
+        sources = local.meta_members or [local.view.proto.meta_node_id]
+        if state.node_id in sources:
+            return
+        self._turn += 1
+        address = local.view.addresses[sources[self._turn % len(sources)]]
         try:
             cmap = await self.admin(address).GetClusterMap(pb.GetClusterMapRequest(), timeout=PUSH_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:

@@ -21,6 +21,7 @@ from kvclient._clustermap import ClusterView
 from kvclient._errors import RoutingError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.config import NodeConfig
+from kvstore.meta_group import META_GROUP, MetaStateMachine
 from kvstore.replication import NodeId, Replicator
 from kvstore.store import Store
 
@@ -44,6 +45,11 @@ class LocalMap:
         """Whether writes go through each partition's Raft group (replicas > 1)."""
         return self.view.proto.replicas > 1
 
+    @property
+    def meta_members(self) -> list[str]:
+        """Members of the metadata Raft group (empty: metadata lives on `meta_node_id`)."""
+        return list(self.view.proto.meta_node_ids)
+
     def check_owned(self, parts: npt.NDArray[np.intp]) -> None:
         """Raise `RoutingError` (with our epoch) unless every partition is held here."""
         bad = parts[~self.owned[parts]]
@@ -58,10 +64,19 @@ class LocalMap:
 class NodeState:
     """A node's map and store; `apply_map` is thread-safe."""
 
-    def __init__(self, config: NodeConfig, store: Store, replicator: Replicator | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: Store,
+        replicator: Replicator | None = None,
+        meta: MetaStateMachine | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.replicator = replicator
+        self.meta = meta
+        if meta is not None:
+            meta.on_commit = self.apply_map
         self.started = time.monotonic()
         self.requests = 0
         self.address = ""
@@ -119,13 +134,17 @@ class NodeState:
         if learn is not None:
             learn({NodeId(n): a for n, a in raft.items()})
         have = set(rep.partitions())
-        for part in np.flatnonzero(local.owned).tolist():
+        placement = local.view.proto.placement
+        wanted = [(part, list(placement[part].node_ids)) for part in np.flatnonzero(local.owned).tolist()]
+        if self.node_id in local.meta_members and self.meta is not None:
+            self.meta.seed(local.view.proto)
+            wanted.append((META_GROUP, local.meta_members))
+        for part, replicas in wanted:
             if part in have:
                 continue
-            replicas = list(local.view.proto.placement[part].node_ids)
             missing = [n for n in replicas if n not in raft]
             if missing:
-                log.error("partition %d: no raft address for %s; group not opened", part, missing)
+                log.error("group %d: no raft address for %s; group not opened", part, missing)
                 continue
             members = {NodeId(n): raft[n] for n in replicas}
             members[NodeId(self.node_id)] = rep.address  # our own address as bound

@@ -51,7 +51,7 @@ def _address(cluster: LocalCluster, node_id: str) -> str:
 def _group_status(cluster: LocalCluster, node_id: str) -> list[pb.GroupStatus]:
     with grpc.insecure_channel(_address(cluster, node_id)) as channel:
         resp = pb_grpc.AdminStub(channel).GetPartitionStatus(pb.PartitionStatusRequest(), timeout=2.0)
-    return list(resp.groups)
+    return [g for g in resp.groups if g.partition < PARTITIONS]  # not the metadata group
 
 
 def _leaders(cluster: LocalCluster) -> dict[int, str]:
@@ -298,8 +298,12 @@ def test_cli_status_shows_leaders_and_lag(cluster: LocalCluster) -> None:
     assert all(p["leader"] in p["replicas"] and len(p["replicas"]) == 3 for p in parts)
     assert sum(n["leads"] for n in doc["nodes"]) == PARTITIONS
     assert all("max_lag" in n for n in doc["nodes"])
+    meta = doc["metadata_group"]
+    assert meta["members"] == ["n1", "n2", "n3"] and meta["leader"] in meta["members"]
+    assert [n["node_id"] for n in doc["nodes"] if n["meta"]] == meta["members"]
     human = kvstore("status", "--partitions", "--dir", cluster.root).stdout
     assert "max lag" in human and "every partition has a leader" in human and "applied (lag)" in human
+    assert f"metadata group: members n1,n2,n3  leader {meta['leader']}" in human
     # The secret is in a private file, never on a command line.
     secret = os.path.join(cluster.root, "raft.secret")
     assert os.stat(secret).st_mode & 0o077 == 0

@@ -16,7 +16,10 @@ NAMES = ["a", "b", "c"]
 
 
 def nodes(*ids: str) -> list[pb.NodeInfo]:
-    return [pb.NodeInfo(node_id=i, address=f"127.0.0.1:{7000 + n}") for n, i in enumerate(ids)]
+    return [
+        pb.NodeInfo(node_id=i, address=f"127.0.0.1:{7000 + n}", raft_address=f"127.0.0.1:{8000 + n}")
+        for n, i in enumerate(ids)
+    ]
 
 
 def embedding(name: str, dim: int = 4) -> pb.TableSchema:
@@ -49,6 +52,12 @@ class MapMachine(RuleBasedStateMachine):
         assert [n.node_id for n in self.cmap.nodes] == [n.node_id for n in members]
         assert len(self.cmap.placement) == partitions
         assert all(len(p.node_ids) == min(replicas, count) for p in self.cmap.placement)
+        meta = list(self.cmap.meta_node_ids)
+        if replicas == 1:
+            assert meta == []
+        else:  # an odd-sized majority group where the cluster allows it, members in node order
+            assert meta == [n.node_id for n in members][: len(meta)]
+            assert len(meta) == min(count, 3)
 
     def apply(self, change: Any, *args: Any) -> tuple[pb.ClusterMap, BaseException | None]:
         """Run one transition; check it left its input alone and moved the epoch correctly."""
@@ -124,6 +133,7 @@ TestMapTransitions = MapMachine.TestCase
         (nodes("a"), 0, 1, "partitions"),
         (nodes("a"), MAX_PARTITIONS + 1, 1, "partitions"),
         (nodes("a"), 8, 0, "replicas"),
+        ([pb.NodeInfo(node_id="a", address="127.0.0.1:1")], 8, 2, "nodes"),
     ],
 )
 def test_bootstrap_rejects_bad_arguments(
@@ -166,3 +176,10 @@ def test_create_ignores_a_caller_supplied_table_id() -> None:
     out = create_table(cmap, forged, False)
     assert [t.table_id for t in out.tables if t.name == "b"] != [taken]
     assert forged.table_id == taken  # the caller's schema is not modified either
+
+
+@pytest.mark.parametrize(("count", "size"), [(5, 5), (7, 5)])
+def test_large_clusters_get_five_metadata_members(count: int, size: int) -> None:
+    cmap = bootstrap(nodes(*[f"n{i}" for i in range(count)]), 8, 3)
+    assert len(cmap.meta_node_ids) == size
+    assert len(set(cmap.meta_node_ids)) == size
