@@ -109,37 +109,27 @@ class ReplicasService(pb_grpc.ReplicasServicer):
     async def _step(self, step: str, req: pb.ReplicaRequest) -> pb.ReplicaReply:
         local, rep = self._checked(step, req)
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else DEFAULT_TIMEOUT_S[step]
-        part = int(req.partition)
+        part, node = int(req.partition), NodeId(req.node_id)
         if step == "WaitCaughtUp":  # reads progress only: may run beside a change
-            group = self._leader_group(rep, part)
-            self._check_member(group, req.node_id)
-            node, lag = NodeId(req.node_id), int(req.max_lag)
+            group = self._leader_group(rep, part, member=node)
+            lag = int(req.max_lag)
             await self._engine(part, lambda: group.wait_caught_up(node, timeout_s, lag), claimed=False)
             return self._reply(group)
-        with self._exclusive(part, f"{step} of {req.node_id or 'best follower'}"):
+        with self._exclusive(part, f"{step} of {req.node_id or 'the best follower'}"):
             if step == "OpenReplica":
                 return await self._open(local, rep, req)
             if step == "CloseReplica":
                 return await self._close(rep, part)
-            group = self._leader_group(rep, part)
-            node = NodeId(req.node_id)
             if step == "AddReplica":
+                group = self._leader_group(rep, part)
                 address = _raft_addresses(local)[req.node_id]
                 await self._engine(part, lambda: group.add_member(node, address, timeout_s))
             elif step == "TransferLeader":
-                if req.node_id and req.node_id != self.state.node_id:
-                    self._check_member(group, req.node_id)
-                    await self._engine(part, lambda: group.transfer_leadership(node, timeout_s))
-                elif not req.node_id:
-                    await self._engine(part, lambda: group.transfer_leadership(None, timeout_s))
-                # a target that already leads (this node): nothing to do
-            else:
-                if req.node_id == self.state.node_id:
-                    raise ClientError(
-                        f"node_id: {req.node_id} leads partition {part} and cannot remove itself; "
-                        "transfer leadership first",
-                        field="node_id",
-                    )
+                group = self._leader_group(rep, part, member=node or None)
+                if node != self.state.node_id:  # a target that leads already: nothing to do
+                    await self._engine(part, lambda: group.transfer_leadership(node or None, timeout_s))
+            else:  # RemoveReplica; removing a non-member is a no-op (a retry after an unknown outcome)
+                group = self._leader_group(rep, part)
                 await self._engine(part, lambda: group.remove_member(node, timeout_s))
             log.info("replica step done step=%s partition=%d node=%s", step, part, req.node_id)
             return self._reply(group)
@@ -199,29 +189,34 @@ class ReplicasService(pb_grpc.ReplicasServicer):
                 )
         elif req.node_id or step != "TransferLeader":
             _check_node(local, raft, req.node_id, "node_id")
+        if step == "RemoveReplica" and req.node_id == self.state.node_id:
+            raise ClientError(
+                f"node_id: {req.node_id} cannot remove its own replica; transfer the leadership away "
+                "and send RemoveReplica to the new leader",
+                field="node_id",
+            )
         if step == "OpenReplica":
             _check_members(local, raft, req.members, self.state.node_id)
         return local, rep
 
-    def _leader_group(self, rep: Replicator, part: int) -> PartitionGroup:
+    def _leader_group(self, rep: Replicator, part: int, member: NodeId | None = None) -> PartitionGroup:
+        """Return the local replica of `part` if it leads (and has `member`); else raise."""
         try:
             group = rep.group(part)
         except KeyError:
             raise ClientError(
                 f"partition: node {self.state.node_id} holds no replica of partition {part}", field="partition"
             ) from None
+        if member is not None:
+            members = group.status().members
+            if member not in members:
+                raise ClientError(
+                    f"node_id: {member} is not a member of partition {part} (members: {', '.join(members)})",
+                    field="node_id",
+                )
         if not group.is_leader():
             raise _not_leader(self.state.node_id, part, group.leader())
         return group
-
-    @staticmethod
-    def _check_member(group: PartitionGroup, node_id: str) -> None:
-        members = group.status().members
-        if node_id not in members:
-            raise ClientError(
-                f"node_id: {node_id} is not a member of partition {group.partition} (members: {', '.join(members)})",
-                field="node_id",
-            )
 
     @contextmanager
     def _exclusive(self, part: int, what: str) -> Iterator[None]:
@@ -260,7 +255,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
         except replication.NotLeaderError as err:
             raise _not_leader(self.state.node_id, part, err.leader) from None
         except (replication.MembershipChangeError, replication.ProposalTimeoutError) as err:
-            raise UnavailableError(f"partition {part}: {err}", field="partition") from None
+            raise UnavailableError(str(err), field="partition") from None
         except (replication.ReplicationError, ValueError, RuntimeError) as err:
             raise ServerError(f"node {self.state.node_id}: partition {part}: {err!r}") from None
 
