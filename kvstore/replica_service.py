@@ -105,6 +105,10 @@ class ReplicasService(pb_grpc.ReplicasServicer):
             )
             await abort_with(context, err)
             raise
+        except Exception as exc:  # a bug: still answer with an error the client can classify
+            log.exception("replica step failed step=%s partition=%d", step, req.partition)
+            await abort_with(context, ServerError(f"node {self.state.node_id}: {step}: {exc!r}"))
+            raise
 
     async def _step(self, step: str, req: pb.ReplicaRequest) -> pb.ReplicaReply:
         local, rep = self._checked(step, req)
@@ -239,8 +243,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
                 call.add_done_callback(lambda done: self._release(part, done))
 
     def _release(self, part: int, done: asyncio.Future[Any]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            log.info("abandoned replica step failed partition=%d error=%r", part, done.exception())
+        log.info("abandoned replica step ended partition=%d", part)
         self._running.pop(part, None)
 
     # ---- engine calls ----
@@ -248,6 +251,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
     async def _engine(self, part: int, call: Callable[[], T], *, claimed: bool = True) -> T:
         """Run a blocking engine call on a thread; map its errors to the client's tree."""
         future: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(call))
+        future.add_done_callback(_retrieve)  # an abandoned call's error is logged, not warned about
         if claimed:
             self._calls[part] = future
         try:
@@ -261,6 +265,11 @@ class ReplicasService(pb_grpc.ReplicasServicer):
 
     def _reply(self, group: PartitionGroup) -> pb.ReplicaReply:
         return pb.ReplicaReply(status=group_status_to_proto(group.status()))
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.debug("replica engine call ended with error=%r", done.exception())
 
 
 def _not_leader(node_id: str, part: int, leader: str | None) -> NotLeaderError:

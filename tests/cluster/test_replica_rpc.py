@@ -100,10 +100,11 @@ def _views(cluster: LocalCluster, part: int) -> dict[str, pb.GroupStatus]:
     return {n.node_id: st for n in cluster.nodes if (st := _status(cluster, n.node_id, part)) is not None}
 
 
-def _step(cluster: LocalCluster, at: str, step: str, **fields: Any) -> pb.ReplicaReply:
+def _step(cluster: LocalCluster, at: str, step: str, *, rpc_timeout_s: float = 30.0, **fields: Any) -> pb.ReplicaReply:
     """Send one Replicas step to node `at`."""
     with grpc.insecure_channel(_address(cluster, at)) as channel:
-        reply: pb.ReplicaReply = getattr(pb_grpc.ReplicasStub(channel), step)(pb.ReplicaRequest(**fields), timeout=30.0)
+        stub = pb_grpc.ReplicasStub(channel)
+        reply: pb.ReplicaReply = getattr(stub, step)(pb.ReplicaRequest(**fields), timeout=rpc_timeout_s)
         return reply
 
 
@@ -295,6 +296,20 @@ def test_a_second_change_on_a_group_is_refused_while_one_runs(cluster: LocalClus
     assert "TransferLeader of" in refusal.message and refusal.field == "partition", refusal
     assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE
     assert _leader(cluster, part) != outsider
+
+    # A caller that gives up does not end its step: the group stays claimed until the engine call ends.
+    for _ in range(5):
+        leader = _leader(cluster, part)
+        with pytest.raises(grpc.RpcError) as info:
+            _step(
+                cluster, leader, "TransferLeader", partition=part, node_id=outsider, timeout_ms=3000, rpc_timeout_s=0.5
+            )
+        if info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            break
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    code, err = _refused(cluster, leader, "RemoveReplica", partition=part, node_id=outsider)
+    assert code == grpc.StatusCode.UNAVAILABLE and "TransferLeader of" in err.message, err
+    assert outsider in _views(cluster, part)[leader].members
 
     # Once the transfer gave up, changes go through again.
     after = _ops(cluster, "remove", part, outsider)
