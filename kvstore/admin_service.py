@@ -24,6 +24,7 @@ from kvstore import metadata, replication
 from kvstore.data_service import abort_with
 from kvstore.meta_group import META_GROUP, OK, encode_change
 from kvstore.peers import Peers
+from kvstore.replica_service import group_status_to_proto
 from kvstore.replication import PartitionGroup
 from kvstore.state import NodeState
 
@@ -137,20 +138,7 @@ class AdminService(pb_grpc.AdminServicer):
                 st = rep.group(part).status()
             except KeyError:  # closed meanwhile
                 continue
-            out.groups.append(
-                pb.GroupStatus(
-                    partition=st.partition,
-                    node_id=st.node,
-                    is_leader=st.is_leader,
-                    leader=st.leader or "",
-                    term=st.term,
-                    commit_index=st.commit_index,
-                    applied_index=st.applied_index,
-                    members=list(st.members),
-                    max_follower_lag=max((f.lag for f in st.followers), default=0),
-                    followers_connected=sum(1 for f in st.followers if f.connected),
-                )
-            )
+            out.groups.append(group_status_to_proto(st))
         return out
 
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:

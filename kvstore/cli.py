@@ -1,4 +1,4 @@
-"""`kvstore` command line: node, local cluster, status, tables, load, get, demo."""
+"""`kvstore` command line: node, local cluster, status, tables, load, get, replica, demo."""
 
 from __future__ import annotations
 
@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("ids", nargs="+", type=int)
     get.add_argument("--json", action="store_true")
     _add_target(get)
+
+    replica = sub.add_parser("replica", help="add, remove or move the leadership of one partition replica")
+    rsub = replica.add_subparsers(dest="action", required=True)
+    radd = rsub.add_parser("add", help="open a replica on a node, add it to the group, wait until it caught up")
+    radd.add_argument("--max-lag", type=int, default=0, help="entries the new replica may still lack when done")
+    rremove = rsub.add_parser("remove", help="remove a node's replica (moving the leadership first) and delete it")
+    rtransfer = rsub.add_parser("transfer", help="hand a partition's leadership to another replica")
+    rtransfer.add_argument("--to", default=None, help="target node (default: the most caught-up follower)")
+    for p, needs_node in ((radd, True), (rremove, True), (rtransfer, False)):
+        p.add_argument("--partition", type=int, required=True)
+        if needs_node:
+            p.add_argument("--node", required=True, help="node id (as in 'kvstore status')")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole move (default 60)")
+        p.add_argument("--json", action="store_true")
+        _add_target(p)
 
     # Listed for --help only: main() hands 'kvstore bench ...' to the harness before parsing.
     sub.add_parser("bench", help="benchmark harness (see 'kvstore bench --help')", add_help=False)
@@ -438,6 +453,35 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replica(args: argparse.Namespace) -> int:
+    from kvstore.replica_ops import ReplicaOps, describe
+
+    if args.timeout <= 0:
+        raise ClientError(f"--timeout {args.timeout} must be > 0")
+
+    async def run() -> dict[str, Any]:
+        async with ReplicaOps(_seeds(args), deadline_s=args.timeout) as ops:
+            if args.action == "add":
+                return describe(await ops.add(args.partition, args.node, max_lag=args.max_lag))
+            if args.action == "remove":
+                return describe(await ops.remove(args.partition, args.node))
+            leader = await ops.transfer(args.partition, args.to)
+            return {"partition": args.partition, "leader": leader}
+
+    doc = asyncio.run(run())
+    if args.json:
+        print(json.dumps(doc))
+    elif args.action == "transfer":
+        console.print(f"partition {doc['partition']}: leader is now {doc['leader']}")
+    else:
+        done = "added to" if args.action == "add" else "removed from"
+        console.print(
+            f"{args.node} {done} partition {doc['partition']}: members {', '.join(doc['members'])}, "
+            f"leader {doc['leader']}, commit index {doc['commit_index']}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvstore.demo import run_demo
 
@@ -452,6 +496,7 @@ COMMANDS = {
     "load": cmd_load,
     "get": cmd_get,
     "demo": cmd_demo,
+    "replica": cmd_replica,
 }
 
 

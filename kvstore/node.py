@@ -27,6 +27,7 @@ from kvstore.config import NodeConfig
 from kvstore.data_service import DataService
 from kvstore.meta_group import GroupStateMachines, MetaStateMachine
 from kvstore.peers import Peers
+from kvstore.replica_service import ReplicasService
 from kvstore.replication import NodeId
 from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
 from kvstore.rocks_engine import RocksEngine
@@ -116,6 +117,7 @@ async def _serve(
     data = DataService(state)
     pb_grpc.add_DataServicer_to_server(data, server)
     pb_grpc.add_AdminServicer_to_server(admin, server)
+    pb_grpc.add_ReplicasServicer_to_server(ReplicasService(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = _bind(server, config)
