@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -303,7 +304,7 @@ def test_cli_status_shows_leaders_and_lag(cluster: LocalCluster) -> None:
     assert [n["node_id"] for n in doc["nodes"] if n["meta"]] == meta["members"]
     human = kvstore("status", "--partitions", "--dir", cluster.root).stdout
     assert "max lag" in human and "every partition has a leader" in human and "applied (lag)" in human
-    assert f"metadata group: members n1,n2,n3  leader {meta['leader']}" in human
+    assert re.search(r"metadata group: members n1,n2,n3  leader n[123]", human)  # the leader may move meanwhile
     # The secret is in a private file, never on a command line.
     secret = os.path.join(cluster.root, "raft.secret")
     assert os.stat(secret).st_mode & 0o077 == 0
