@@ -75,10 +75,10 @@ class KeyStream:
             self._cdf = np.cumsum(weights) / weights.sum()
             self._perm = np.random.default_rng([scn.seed, 1]).permutation(scn.keys).astype(np.uint64)
 
-    def batches(self, phase: int, count: int) -> U64:
-        """Return `count` batches for `phase` as a (count, batch_keys) uint64 array."""
+    def batches(self, phase: int, count: int, batch_keys: int = 0) -> U64:
+        """Return `count` batches for `phase` as a (count, batch_keys) uint64 array (default: the scenario's K)."""
         rng = np.random.default_rng([self.seed, 2, phase])
-        shape = (count, self.batch_keys)
+        shape = (count, batch_keys or self.batch_keys)
         if self._cdf is None or self._perm is None:
             return rng.integers(0, self.keys, size=shape, dtype=np.uint64)
         ranks = np.searchsorted(self._cdf, rng.random(shape), side="right")
