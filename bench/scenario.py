@@ -69,6 +69,7 @@ class Scenario:
     batch_keys: int = 1000
     distribution: str = "uniform"
     zipf_alpha: float = 1.1
+    unique_batches: bool = False
     write_fraction: float = 0.0
     write_stream_rate: float = 0.0
     write_stream_keys: int = 100
@@ -106,6 +107,11 @@ class Scenario:
         _at_least("batch_keys", self.batch_keys, 1)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("distribution", self.distribution, DISTRIBUTIONS)
+        if self.unique_batches and (self.distribution != "uniform" or self.batch_keys > self.keys):
+            raise ScenarioError(
+                f"unique_batches: needs distribution = 'uniform' and batch_keys <= keys "
+                f"(got {self.distribution}, {self.batch_keys} > {self.keys}?)"
+            )
         if self.zipf_alpha <= 0:
             raise ScenarioError(f"zipf_alpha: {self.zipf_alpha} must be > 0")
         if not 0.0 <= self.write_fraction <= 1.0:

@@ -35,6 +35,7 @@ def test_replicated_scenarios_ask_for_what_issue_4_measures() -> None:
     for k in (1000, 10000, 50000):
         put = load_scenario(f"put_r3_k{k}")
         assert put.batch_keys == k and put.write_fraction == 1.0 and put.dim == 64 and not put.rates
+        assert put.unique_batches
         assert put.kvstore_replicas(put.systems[0]) == 3
 
 
@@ -65,7 +66,7 @@ def test_longest_gap_is_the_largest_step_between_sorted_times(times: list[float]
     gap, start = longest_gap(times)
     assert gap is not None and start is not None
     assert gap == max(b - a for a, b in itertools.pairwise(times))
-    assert start in times and start + gap in times
+    assert (start, gap) in [(a, b - a) for a, b in itertools.pairwise(times)]
 
 
 @given(
@@ -110,6 +111,16 @@ def test_key_streams_are_deterministic_and_in_range() -> None:
         assert np.array_equal(a, b)
         assert not np.array_equal(a, KeyStream(scn).batches(1, 50))
         assert int(a.max()) < scn.keys
+
+
+def test_unique_batches_never_repeat_an_id_within_a_batch() -> None:
+    scn = load_scenario("smoke", {"unique_batches": True, "keys": 1000, "batch_keys": 300})
+    batches = KeyStream(scn).batches(0, 20)
+    assert batches.shape == (20, 300) and int(batches.max()) < 1000
+    assert all(len(np.unique(b)) == 300 for b in batches)
+    assert not np.array_equal(batches[0], batches[1])
+    with pytest.raises(ScenarioError, match="unique_batches: needs distribution = 'uniform'"):
+        load_scenario("smoke", {"unique_batches": True, "distribution": "zipf"})
 
 
 def test_zipf_concentrates_on_few_keys() -> None:
