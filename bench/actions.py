@@ -2,8 +2,10 @@
 
 Each action starts at its second of the measurement (measured from the same origin as
 the per-second latency series) in its own task, so a slow restart never holds the load
-generator. What happened and when goes into the run's `events`; an action that fails or
-is not supported yet is recorded with its error and the run goes on.
+generator. What happened and when goes into the run's `events` (with what the action
+reports, e.g. which node `kill leader` chose and the partitions it led); an action that
+fails or is not supported yet is recorded with its error and the run goes on. A kill is
+the last step of its action, so a kill event's `done_s` is the moment of the SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class ClusterOps(Protocol):
-    async def kill(self, node_id: str) -> None: ...
-    async def restart(self, node_id: str) -> None: ...
+    async def kill(self, node_id: str) -> dict[str, Any]: ...
+    async def restart(self, node_id: str) -> dict[str, Any]: ...
     async def add_node(self, node_id: str) -> None: ...
 
 
@@ -35,7 +37,7 @@ async def _one(action: Action, ops: ClusterOps, t0: float) -> dict[str, Any]:
     event["started_s"] = round(time.perf_counter() - t0, 3)
     log.info("action start action=%s node=%s at_s=%.1f", action.action, action.node, event["started_s"])
     try:
-        await getattr(ops, action.action)(action.node)
+        event.update(await getattr(ops, action.action)(action.node) or {})
         event["error"] = None
     except Exception as exc:  # recorded, not fatal: the rest of the timeline still runs
         event["error"] = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,8 @@
-"""kvstore as a measured system: a `LocalCluster` on 127.0.0.1 and the asyncio smart client."""
+"""kvstore as a measured system: a `LocalCluster` on 127.0.0.1 and the asyncio smart client.
+
+One class serves `kvstore` (the scenario's `replicas`) and `kvstore_r<N>` (N copies per
+partition), so a run can measure a single-copy and a replicated cluster side by side.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.scenario import Scenario
-from bench.system import System
+from bench.scenario import LEADER, Scenario
+from bench.system import System, wait_for
 from bench.workload import F32, U64, Dataset
-from kvclient import AsyncClient, Client, KeyStatus
+from kvclient import AsyncClient, Client, KeyStatus, KvError
 from kvstore.launcher import LocalCluster
 
 log = logging.getLogger(__name__)
@@ -32,20 +36,26 @@ class KvstoreSystem(System):
 
     name = "kvstore"
 
-    def __init__(self, scn: Scenario) -> None:
+    def __init__(self, scn: Scenario, name: str = "kvstore", replicas: int | None = None) -> None:
         super().__init__()
         self.scn = scn
+        self.name = name
+        self.replicas = scn.replicas if replicas is None else replicas
         self.root = ""
         self.cluster: LocalCluster | None = None
         self.kv: AsyncClient | None = None
         self.retries = 0
+        self.hedges = 0
         self.load_s = 0.0
+        self.killed_leader = ""
 
     def start(self, dataset: Dataset) -> None:
         self.dataset = dataset
         self.root = tempfile.mkdtemp(prefix="kvstore-bench-")
         self.cluster = LocalCluster.open(self.root)
-        seeds = self.cluster.up(self.scn.nodes, partitions=self.scn.partitions, cache_bytes=self.scn.cache_bytes)
+        seeds = self.cluster.up(
+            self.scn.nodes, partitions=self.scn.partitions, replicas=self.replicas, cache_bytes=self.scn.cache_bytes
+        )
         t0 = time.perf_counter()
         with Client(seeds, deadline_s=60.0) as kv:
             kv.create_table(TABLE, dim=dataset.dim, dtype=self.scn.dtype)
@@ -53,6 +63,9 @@ class KvstoreSystem(System):
             for start in range(0, dataset.keys, LOAD_CHUNK):
                 chunk = ids[start : start + LOAD_CHUNK]
                 kv.put(TABLE, chunk, dataset.rows(chunk))
+            if self.replicas > 1:
+                # a put returns once the leader applied it; reads may go to any replica
+                wait_for(lambda: _replicas_caught_up(kv.partition_status()), timeout_s=120.0, what="replicas")
             self.load_s = time.perf_counter() - t0
             self.check_sample(lambda x: kv.get(TABLE, x).values)
 
@@ -73,6 +86,7 @@ class KvstoreSystem(System):
     async def close(self) -> None:
         if self.kv is not None:
             self.retries += _retries(self.kv)
+            self.hedges += self.kv.stats.hedges
             await self.kv.close()
             self.kv = None
 
@@ -94,15 +108,18 @@ class KvstoreSystem(System):
         return [n.pid for n in self.cluster.running()] if self.cluster else []
 
     def counters(self) -> dict[str, int | None]:
-        current = _retries(self.kv) if self.kv is not None else 0
-        return {"retries": self.retries + current, "hedges": None}  # the client does not hedge yet
+        retries = _retries(self.kv) if self.kv is not None else 0
+        hedges = self.kv.stats.hedges if self.kv is not None else 0
+        return {"retries": self.retries + retries, "hedges": self.hedges + hedges}
 
     def info(self) -> dict[str, Any]:
+        copies = "1 copy" if self.replicas == 1 else f"{self.replicas} replicas"
         return {
-            "label": f"kvstore {self.scn.nodes} nodes",
+            "label": f"kvstore {self.scn.nodes} nodes, {copies} per partition",
             "client": "kvclient.AsyncClient (stream transport) on the generator's loop",
             "nodes": self.scn.nodes,
             "partitions": self.scn.partitions,
+            "replicas": self.replicas,
             "cache_bytes": self.scn.cache_bytes,
             "load_s": round(self.load_s, 2),
         }
@@ -120,29 +137,69 @@ class KvstoreSystem(System):
 
     # ---- timeline actions (bench.actions) ----
 
-    async def kill(self, node_id: str) -> None:
-        """SIGKILL one node (its partitions are unavailable until it restarts)."""
+    async def kill(self, node_id: str) -> dict[str, Any]:
+        """SIGKILL one node; `leader` picks the node leading the most partitions right now.
+
+        Returns what the event records: the node, and for `leader` the partitions it led
+        (with one copy per partition, the node's partitions are unavailable until it restarts).
+        """
         if self.cluster is None:
             raise RuntimeError("kvstore: start() was not called")
+        out: dict[str, Any] = {}
+        if node_id == LEADER:
+            node_id, led = await self.busiest_leader()
+            self.killed_leader = node_id
+            out = {"node": node_id, "chosen_as": LEADER, "led_partitions": led}
         self.cluster.kill(node_id)
+        return out
 
-    async def restart(self, node_id: str) -> None:
-        """Start a stopped node again on its folder and wait until it serves."""
+    async def busiest_leader(self) -> tuple[str, list[int]]:
+        """Return the node that leads the most partitions (GetPartitionStatus) and those partitions."""
+        led: dict[str, list[int]] = {}
+        for resp in await self.client.partition_status():
+            if isinstance(resp, KvError):
+                continue
+            led[resp.node_id] = sorted(g.partition for g in resp.groups if g.is_leader)
+        if not any(led.values()):
+            raise RuntimeError("kill leader: no node reports leading a partition (is the cluster replicated?)")
+        node_id = max(led, key=lambda n: len(led[n]))
+        return node_id, led[node_id]
+
+    async def restart(self, node_id: str) -> dict[str, Any]:
+        """Start a stopped node again on its folder and wait until it serves (`leader`: the killed leader)."""
         cluster = self.cluster
         if cluster is None:
             raise RuntimeError("kvstore: start() was not called")
+        out: dict[str, Any] = {}
+        if node_id == LEADER:
+            if not self.killed_leader:
+                raise RuntimeError("restart leader: no earlier 'kill leader' action stopped a node")
+            node_id = self.killed_leader
+            out = {"node": node_id, "chosen_as": LEADER}
 
         def blocking() -> None:
             cluster.start_node(node_id, cache_bytes=self.scn.cache_bytes)
             cluster.wait_ready(node_id, timeout_s=30.0)
 
         await asyncio.to_thread(blocking)
+        return out
 
     async def add_node(self, node_id: str) -> None:
         """Not yet possible: a new node only takes traffic once partitions move to it."""
         raise ActionUnsupportedError(
             f"add_node {node_id or ''}: needs rebalancing (issue 5); a node added today would hold no partitions"
         )
+
+
+def _replicas_caught_up(status: list[Any]) -> bool:
+    """True if every node answered and every replica applied its partition's highest commit index."""
+    if any(isinstance(resp, KvError) for resp in status):
+        return False
+    commit: dict[int, int] = {}
+    for resp in status:
+        for g in resp.groups:
+            commit[g.partition] = max(commit.get(g.partition, 0), g.commit_index)
+    return all(g.applied_index >= commit[g.partition] for resp in status for g in resp.groups)
 
 
 def _retries(kv: AsyncClient) -> int:

@@ -89,6 +89,8 @@ class Recorder:
     server_cpu_s: float = 0.0
     other_cpu_s: float = 0.0
     cut_short: str = ""
+    trace: list[tuple[int, float, float | None]] | None = None
+    """When a list: one (request index, due second, latency s or None on error) per request."""
 
     def done(self, t_rel: float, latency_s: float, keys: int) -> None:
         us = _us(latency_s)
@@ -207,8 +209,13 @@ class Requester:
             raise
         except Exception as exc:  # every failure is counted by its class, never fatal to the run
             self.rec.error(type(exc).__name__, t_rel, keys)
+            if self.rec.trace is not None:
+                self.rec.trace.append((index, t_rel, None))
             return
-        self.rec.done(t_rel, time.perf_counter() - start, keys - missing)
+        latency = time.perf_counter() - start
+        self.rec.done(t_rel, latency, keys - missing)
+        if self.rec.trace is not None:
+            self.rec.trace.append((index, t_rel, latency))
         if missing:
             self.rec.error("partial_result", t_rel, missing)
         elif values is not None and index % self.opts.check_every == 0:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from bench.report import label, ordered
+from bench.report import label, order_key, ordered
 
 COLORS = {
     "kvstore": "tab:blue",
@@ -25,6 +25,8 @@ COLORS = {
     "redis_cluster": "tab:orange",
     "floor_rocksdict": "tab:green",
     "floor_numpy": "tab:gray",
+    "kvstore_r1": "tab:blue",
+    "kvstore_r3": "tab:cyan",
 }
 
 
@@ -91,8 +93,8 @@ def p99_vs_load_plot(result: dict[str, Any], path: str) -> str | None:
     if len(opens) < 2:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    names = [n for n in COLORS if any(n in p["systems"] and "skipped" not in p["systems"][n] for p in opens)]
-    for name in names:
+    seen = {n for p in opens for n, s in p["systems"].items() if "skipped" not in s}
+    for name in sorted(seen, key=order_key):
         xs, ys, held = [], [], []
         for p in opens:
             s = p["systems"].get(name)
@@ -100,9 +102,10 @@ def p99_vs_load_plot(result: dict[str, Any], path: str) -> str | None:
                 xs.append(p["offered_per_s"])
                 ys.append(s["latency_us"]["p99"] / 1000)
                 held.append(bool(s.get("sustained")))
-        ax.plot(xs, ys, "-", color=COLORS[name], label=label(name))
+        (line,) = ax.plot(xs, ys, "-", color=COLORS.get(name), label=label(name))
+        color = line.get_color()
         for x, y, h in zip(xs, ys, held, strict=True):
-            ax.plot([x], [y], "o", color=COLORS[name], markerfacecolor=COLORS[name] if h else "white")
+            ax.plot([x], [y], "o", color=color, markerfacecolor=color if h else "white")
     k = result["scenario"]["batch_keys"]
     ax.set_yscale("log")
     ax.set_xlabel(f"offered load (batches/s of K={k})")
@@ -114,22 +117,34 @@ def p99_vs_load_plot(result: dict[str, Any], path: str) -> str | None:
 
 
 def timeline_plot(result: dict[str, Any], path: str) -> str | None:
-    """Plot kvstore's per-second p50/p99 and errors, with the timeline's actions marked."""
+    """Plot kvstore's per-second read p50/p99 (and write p99), errors, with the timeline's actions marked."""
     phase = next((p for p in result.get("phases", []) if p.get("events")), None)
-    if phase is None or "kvstore" not in phase["systems"]:
+    name = next((n for n in (phase or {}).get("systems", {}) if n.startswith("kvstore")), None)
+    if phase is None or name is None or "per_second" not in phase["systems"][name]:
         return None
-    rows = phase["systems"]["kvstore"]["per_second"]
+    s = phase["systems"][name]
+    rows = s["per_second"]
+    writes = s.get("write_stream", {}).get("per_second", [])
     secs = np.array([r["second"] for r in rows])
     fig, ax = plt.subplots(figsize=(10, 4.6))
-    for key, style in (("p50_us", ":"), ("p99_us", "-")):
-        ys = np.array([np.nan if r[key] is None else r[key] / 1000 for r in rows], dtype=np.float64)
-        ax.plot(secs, ys, style, marker="o", ms=3, color="tab:blue", label=f"kvstore {key[:3]}")
+    series = [(rows, "p50_us", ":", "tab:blue", "read p50"), (rows, "p99_us", "-", "tab:blue", "read p99"),
+              (writes, "p99_us", "-", "tab:green", "write p99")]  # fmt: skip
+    for data, key, style, color, what in series:
+        if not data:
+            continue
+        xs = np.array([r["second"] for r in data])
+        ys = np.array([np.nan if r[key] is None else r[key] / 1000 for r in data], dtype=np.float64)
+        ax.plot(xs, ys, style, marker="o", ms=3, color=color, label=f"{label(name)} {what}")
     ax.set_yscale("log")
     ax.set_xlabel("second of the run")
     ax.set_ylabel("latency (ms, log)")
     errs = ax.twinx()
-    errs.bar(secs, [r["errors"] for r in rows], width=0.6, alpha=0.3, color="tab:red", label="errors")
+    errs.bar(secs - 0.15, [r["errors"] for r in rows], width=0.3, alpha=0.3, color="tab:red", label="read errors")
+    if writes:
+        errs.bar([r["second"] + 0.15 for r in writes], [r["errors"] for r in writes], width=0.3, alpha=0.3,
+                 color="tab:orange", label="write errors")  # fmt: skip
     errs.set_ylabel("errors per second")
+    errs.set_ylim(bottom=0)
     for e in phase["events"]:
         ax.axvline(e["started_s"], color="black", alpha=0.6, linestyle="--")
         ax.annotate(f"{e['action']} {e['node']}", (e["started_s"], 1.0), xycoords=("data", "axes fraction"),

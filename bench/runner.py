@@ -8,7 +8,8 @@ Steps:
    each phase (open loop at a rate, or closed loop at a concurrency) rotate through the
    systems in slices of `slice_s`, so that noise from other work on the machine hits all
    of them alike. Slice j of every system replays the same batches. A timeline
-   (`actions`) runs alongside a single unrotated kvstore slice.
+   (`actions`) runs alongside a single unrotated kvstore slice; a write stream
+   (`write_stream_rate`) runs alongside every kvstore slice, recorded apart from the reads.
 4. Stop every system (always), and return environment, scenario, per-system info and
    per-phase figures (`bench.loadgen.Recorder.summary`).
 """
@@ -29,13 +30,15 @@ import numpy as np
 
 from bench.actions import run_timeline
 from bench.environment import environment
+from bench.failover import write_failover
 from bench.floor_systems import NumpyFloorSystem, RocksFloorSystem
-from bench.kvstore_system import KvstoreSystem
+from bench.kvstore_system import TABLE, KvstoreSystem
 from bench.loadgen import LoadOptions, Recorder, Requester, closed_loop, hist_summary, merged, open_loop
 from bench.redis_systems import RedisAsyncioSystem, RedisClusterSystem, RedisSystem
 from bench.scenario import Scenario
 from bench.system import PeerUnavailableError, System, machine_busy_s, proc_cpu_s
-from bench.workload import KeyStream, batch_count, make_dataset, unique_fraction
+from bench.workload import U64, KeyStream, batch_count, make_dataset, unique_fraction
+from kvclient._ring import partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ SYSTEM_CLASSES: dict[str, Callable[[Scenario], System]] = {
 POOL_CAP_KEYS = 8_000_000  # a closed-loop phase cycles through at most this many precomputed ids
 QUIET_OTHER_CORES = 0.25  # a slice is "quiet" if other processes used less than this many cores
 SUSTAINED_ACHIEVED = 0.95  # an open-loop rate is "held" if >= 95 % of it completes ...
+WRITE_STREAM_PHASES = 1000  # the write stream's key sequences use phase index + this, apart from the reads'
 
 
 def _utc_now() -> str:
@@ -86,8 +90,16 @@ def run_scenario(scn: Scenario, *, command: str = "") -> dict[str, Any]:
     return result
 
 
+def make_system(name: str, scn: Scenario) -> System:
+    """Return the system called `name` (`kvstore_r<N>`: kvstore with N copies per partition)."""
+    copies = scn.kvstore_replicas(name)
+    if copies is not None:
+        return KvstoreSystem(scn, name=name, replicas=copies)
+    return SYSTEM_CLASSES[name](scn)
+
+
 def _start(name: str, scn: Scenario, dataset: Any) -> tuple[System | None, dict[str, Any]]:
-    system = SYSTEM_CLASSES[name](scn)
+    system = make_system(name, scn)
     log.info("starting and loading system=%s", name)
     t0 = time.perf_counter()
     try:
@@ -155,6 +167,10 @@ async def _phase(
     batches, writes = stream.batches(index, count), stream.writes(index, count)
     active = [s for s in systems if not (mode == "open" and scn.stop_when_overloaded and s.name in overloaded)]
     recs = {s.name: Recorder() for s in active}
+    wrecs = {s.name: Recorder(trace=[]) for s in active if scn.write_stream_rate and isinstance(s, KvstoreSystem)}
+    wcount = batch_count("open", scn.write_stream_rate, scn.duration_s, POOL_CAP_KEYS, scn.write_stream_keys)
+    wbatches = stream.batches(WRITE_STREAM_PHASES + index, wcount, scn.write_stream_keys) if wrecs else batches[:0]
+    all_writes = np.ones(len(wbatches), dtype=np.bool_)
     before = {s.name: await _snapshot(s) for s in active}
     cursors = {s.name: itertools.count() for s in active}
     slices = scn.slices()
@@ -178,10 +194,16 @@ async def _phase(
                 continue
             recs[system.name].current_slice = j
             cpu = _CpuMeter(system)
+            side: list[Any] = []
+            if system.name in wrecs:
+                wreq = Requester(system, system.data, wrecs[system.name], opts)
+                wlo, whi = j * wcount // slices, (j + 1) * wcount // slices
+                side.append(open_loop(wreq, wbatches[wlo:whi], all_writes[wlo:whi], scn.write_stream_rate,
+                                      t_offset=j * slice_s, index_offset=wlo, start_at=start_at))  # fmt: skip
             if scn.actions and isinstance(system, KvstoreSystem):
-                events, _ = await asyncio.gather(run_timeline(scn.actions, system, start_at), load)
+                events, *_ = await asyncio.gather(run_timeline(scn.actions, system, start_at), load, *side)
             else:
-                await load
+                await asyncio.gather(load, *side)
             await system.quiesce()
             cpu.add_to(recs[system.name])
             if mode == "open":
@@ -201,10 +223,34 @@ async def _phase(
     for system in active:
         out["systems"][system.name] = await _system_result(scn, system, recs[system.name], before[system.name], mode,
                                                            value, overloaded, set(out["quiet_slices"]))  # fmt: skip
+        if system.name in wrecs:
+            out["systems"][system.name]["write_stream"] = _write_stream(scn, wrecs[system.name], wbatches, events)
     for name, rate in overloaded.items():
         if name not in out["systems"] and mode == "open":
             out["systems"][name] = {"skipped": f"overloaded at {rate:g} batches/s"}
     return out
+
+
+def _write_stream(scn: Scenario, rec: Recorder, batches: U64, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the write stream's figures, and for each kill its failover time and write stall."""
+    summary = rec.summary()
+    summary["rate_per_s"] = scn.write_stream_rate
+    summary["batch_keys"] = scn.write_stream_keys
+    summary.pop("hdr", None)
+    summary.pop("cdf_us", None)
+    summary["failover"] = []
+    for event in events:
+        if event["action"] != "kill" or event.get("error"):
+            continue
+        led = set(event.get("led_partitions") or [])
+        touched = [set(partitions_of(TABLE, row, scn.partitions).tolist()) for row in batches] if led else []
+
+        def affected(i: int, led: set[int] = led, touched: list[set[int]] = touched) -> bool:
+            return not led or bool(led & touched[i])  # a plain node kill: every write counts
+
+        figures = write_failover(rec.trace or [], event["done_s"], affected)
+        summary["failover"].append({"node": event["node"], **figures})
+    return summary
 
 
 def _quiet_slices(recs: dict[str, Recorder], slices: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,13 @@ from typing import Any
 SCENARIO_DIR = os.path.join(os.path.dirname(__file__), "scenarios")
 
 SYSTEMS = ("kvstore", "redis", "redis_asyncio", "redis_cluster", "floor_rocksdict", "floor_numpy")
-"""Every system the harness knows, in report order (kvstore first, floors last)."""
+"""Every system the harness knows, in report order (kvstore first, floors last). Besides these,
+`kvstore_r<N>` is kvstore with N copies of each partition, so one run can hold a single-copy
+and a replicated cluster side by side (`kvstore` itself has the scenario's `replicas`)."""
+KVSTORE_REPLICAS = re.compile(r"kvstore_r([0-9]+)")
+LEADER = "leader"
+"""An action's node that means: the node leading the most partitions when the action runs
+(kill), or the node an earlier `leader` kill stopped (restart)."""
 
 DISTRIBUTIONS = ("uniform", "zipf")
 DTYPES = ("float32", "float16")
@@ -62,7 +69,10 @@ class Scenario:
     batch_keys: int = 1000
     distribution: str = "uniform"
     zipf_alpha: float = 1.1
+    unique_batches: bool = False
     write_fraction: float = 0.0
+    write_stream_rate: float = 0.0
+    write_stream_keys: int = 100
     # load: open loop at each rate (batches/s), then closed loop at each concurrency
     rates: tuple[float, ...] = (200.0,)
     concurrency: tuple[int, ...] = ()
@@ -79,6 +89,7 @@ class Scenario:
     systems: tuple[str, ...] = SYSTEMS
     nodes: int = 3
     partitions: int = 64
+    replicas: int = 1
     cache_bytes: str = "256MiB"
     redis_client: str = "thread"
     actions: tuple[Action, ...] = field(default=())
@@ -96,10 +107,18 @@ class Scenario:
         _at_least("batch_keys", self.batch_keys, 1)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("distribution", self.distribution, DISTRIBUTIONS)
+        if self.unique_batches and (self.distribution != "uniform" or self.batch_keys > self.keys):
+            raise ScenarioError(
+                f"unique_batches: needs distribution = 'uniform' and batch_keys <= keys "
+                f"(got {self.distribution}, {self.batch_keys} > {self.keys}?)"
+            )
         if self.zipf_alpha <= 0:
             raise ScenarioError(f"zipf_alpha: {self.zipf_alpha} must be > 0")
         if not 0.0 <= self.write_fraction <= 1.0:
             raise ScenarioError(f"write_fraction: {self.write_fraction} must be within [0, 1]")
+        if not 0.0 <= self.write_stream_rate <= 1000.0:
+            raise ScenarioError(f"write_stream_rate: {self.write_stream_rate} batches/s must be within [0, 1000]")
+        _at_least("write_stream_keys", self.write_stream_keys, 1)
 
     def _check_load(self) -> None:
         if not self.rates and not self.concurrency:
@@ -125,15 +144,39 @@ class Scenario:
     def _check_systems(self) -> None:
         if not self.systems:
             raise ScenarioError("systems: give at least one of " + ", ".join(SYSTEMS))
-        for name in self.systems:
-            _one_of("systems", name, SYSTEMS)
         _at_least("nodes", self.nodes, 1)
         _at_least("partitions", self.partitions, 1)
+        if not 1 <= self.replicas <= self.nodes:
+            raise ScenarioError(f"replicas: {self.replicas} must be within [1, nodes = {self.nodes}]")
+        for name in self.systems:
+            if KVSTORE_REPLICAS.fullmatch(name):
+                copies = int(name.removeprefix("kvstore_r"))
+                if not 1 <= copies <= self.nodes:
+                    raise ScenarioError(
+                        f"systems: {name!r} asks for {copies} copies, must be within [1, nodes = {self.nodes}]"
+                    )
+            else:
+                _one_of("systems", name, (*SYSTEMS, "kvstore_r<N>"))
+        if len(set(self.systems)) != len(self.systems):
+            raise ScenarioError(f"systems: {list(self.systems)} names a system twice")
         _one_of("redis_client", self.redis_client, REDIS_CLIENTS)
         for action in self.actions:
             action.validate()
-        if self.actions and (self.systems != ("kvstore",) or len(self.phases()) != 1):
-            raise ScenarioError("actions: a timeline needs systems = ['kvstore'] and exactly one rate or concurrency")
+        if self.actions and (len(self.systems) != 1 or self.kvstore_replicas(self.systems[0]) is None
+                             or len(self.phases()) != 1):  # fmt: skip
+            raise ScenarioError(
+                "actions: a timeline needs one kvstore system (e.g. systems = ['kvstore']) and exactly one rate "
+                "or concurrency"
+            )
+        if self.write_stream_rate and not all(self.kvstore_replicas(n) is not None for n in self.systems):
+            raise ScenarioError("write_stream_rate: the concurrent write stream runs on kvstore systems only")
+
+    def kvstore_replicas(self, name: str) -> int | None:
+        """Return the copies per partition of kvstore system `name` (None: not a kvstore system)."""
+        if name == "kvstore":
+            return self.replicas
+        match = KVSTORE_REPLICAS.fullmatch(name)
+        return int(match.group(1)) if match else None
 
     def phases(self) -> list[tuple[str, float]]:
         """Return the load phases in run order: ("open", rate) ..., then ("closed", concurrency) ..."""

@@ -68,6 +68,7 @@ class KeyStream:
         self.keys = scn.keys
         self.seed = scn.seed
         self.write_fraction = scn.write_fraction
+        self.unique = scn.unique_batches
         self._cdf: npt.NDArray[np.float64] | None = None
         self._perm: npt.NDArray[np.uint64] | None = None
         if scn.distribution == "zipf":
@@ -75,10 +76,14 @@ class KeyStream:
             self._cdf = np.cumsum(weights) / weights.sum()
             self._perm = np.random.default_rng([scn.seed, 1]).permutation(scn.keys).astype(np.uint64)
 
-    def batches(self, phase: int, count: int) -> U64:
-        """Return `count` batches for `phase` as a (count, batch_keys) uint64 array."""
+    def batches(self, phase: int, count: int, batch_keys: int = 0) -> U64:
+        """Return `count` batches for `phase` as a (count, batch_keys) uint64 array (default: the scenario's K)."""
         rng = np.random.default_rng([self.seed, 2, phase])
-        shape = (count, self.batch_keys)
+        shape = (count, batch_keys or self.batch_keys)
+        if self.unique:  # consecutive windows of one seeded permutation: no id twice in a batch
+            perm = rng.permutation(self.keys).astype(np.uint64)
+            starts = np.arange(count, dtype=np.int64)[:, None] * shape[1] % self.keys
+            return perm[(starts + np.arange(shape[1])) % self.keys]
         if self._cdf is None or self._perm is None:
             return rng.integers(0, self.keys, size=shape, dtype=np.uint64)
         ranks = np.searchsorted(self._cdf, rng.random(shape), side="right")
