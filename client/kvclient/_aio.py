@@ -5,11 +5,9 @@ Read path, per `get`:
 2. dedupe the ids, hash them to partitions, choose one replica per partition (least
    in-flight requests first), group by node;
 3. send one request per node, all at once, over each node's shared stream;
-4. with replicas > 1 (reads from any replica): a node that answers with an error has its
-   share sent at once to the next-best replicas (failover); a node that has not answered
-   after its hedge delay has its share sent to them as well, and the first full answer wins
-   (a hedge; `_hedge.py` has the delay and the budget). The loser is left to finish: its
-   in-flight count, and a "slow" mark for `SLOW_S`, steer the next reads elsewhere;
+4. with replicas > 1, a node that answers with an error has its share sent at once to
+   other replicas (failover), and a node that has not answered after its hedge delay has
+   its share sent to them as well, first full answer wins (a hedge): `_reads.py`;
 5. on a routing error refresh the map and resend only the affected group; on an
    unavailable node mark it down for `DOWN_S` (reads then pick another replica), back off
    and retry until the deadline;
@@ -37,27 +35,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kvclient._batch import (
-    KeyStatus,
-    NodeGroup,
-    VectorMerge,
-    alternate_replicas,
-    choose_replicas,
-    dedupe,
-    group_by_node,
-)
+from kvclient._batch import KeyStatus, NodeGroup, VectorMerge, choose_replicas, dedupe, group_by_node
 from kvclient._clustermap import ClusterView
 from kvclient._codec import (
     NUMPY_DTYPES,
     IdArray,
     as_ids,
-    check_dim,
     check_table_name,
     check_vectors,
     default_row,
-    dtype_code,
     pack_ids,
     pack_records,
+    schema_from_args,
     unpack_record,
 )
 from kvclient._connection import NodeConnection, Transport, error_from_rpc
@@ -67,47 +56,24 @@ from kvclient._errors import (
     KvError,
     NotLeaderError,
     RoutingError,
-    ServerError,
     UnavailableError,
 )
 from kvclient._hedge import HedgePolicy, Hedging
 from kvclient._proto import kvstore_pb2 as pb
+from kvclient._reads import Answer, BuildRequest, ReplicaReads
 from kvclient._results import FeaturesResult, GetResult, TableInfo
-from kvclient._ring import partitions_of
+from kvclient._stats import ClientStats
 
 log = logging.getLogger(__name__)
 
-BuildRequest = Callable[[npt.NDArray[np.intp], int], pb.DataRequest]
-"""Builds one node's request from positions into the batch's ids and the map epoch."""
-_Answer = tuple[npt.NDArray[np.intp], pb.DataResponse]
 _Failure = tuple[npt.NDArray[np.intp], KvError]
-_Outcome = list[_Answer] | BaseException
+_Outcome = list[Answer] | BaseException
 
 DOWN_S = 1.0
 """How long a node that failed to answer is skipped when choosing a replica."""
 MAX_LEADER_CHASES = 30
 """NOT_LEADER rounds per call (each resends at once or after a short backoff)."""
-SLOW_S = 1.0
-"""How long a node that lost a hedge race is avoided when another replica is usable."""
-_SLOW_COST = 1e6  # added to a slow node's routing cost: any other live replica is preferred
 _CONSISTENCY = {"any": pb.ANY_REPLICA, "leader": pb.LEADER}
-
-
-@dataclass
-class ClientStats:
-    """Monotonic counters of what a client did, for benchmarks and dashboards."""
-
-    calls: int = 0  # get/put/delete/feature calls that reached the network
-    node_requests: int = 0  # per-node sub-requests sent
-    routing_retries: int = 0  # retry rounds after a stale map
-    unavailable_retries: int = 0  # retry rounds after an unreachable node
-    leader_chases: int = 0  # resends to a hinted leader
-    map_refreshes: int = 0
-    failed_calls: int = 0  # calls that raised after their retries
-    partial_keys: int = 0  # keys returned with status ERROR under partial=True
-    hedges: int = 0  # read sub-requests also sent to other replicas after the hedge delay
-    hedges_won: int = 0  # hedges that answered before the node they backed up
-    read_failovers: int = 0  # read sub-requests resent at once to other replicas after an error
 
 
 @dataclass(frozen=True)
@@ -134,7 +100,7 @@ def _parse_seeds(seeds: Sequence[str] | str) -> list[str]:
     return out
 
 
-class AsyncClient:
+class AsyncClient(ReplicaReads):
     """Talks to a kvstore cluster from one asyncio event loop.
 
     Use as `async with AsyncClient(["127.0.0.1:7000"]) as kv: ...`. Not thread-safe; for
@@ -269,7 +235,7 @@ class AsyncClient:
         `default` is what a missing key returns: None or "zeros" (zeros), "nan", or a
         vector of `dim` floats.
         """
-        schema = _schema_from_args(name, dim, dtype, kind, default, allow_nonfinite)
+        schema = schema_from_args(name, dim, dtype, kind, default, allow_nonfinite)
         req = pb.CreateTableRequest(schema=schema, if_not_exists=if_not_exists)
         await self._admin(lambda c: c.admin.CreateTable(req, timeout=self.deadline_s))
         return TableInfo.from_proto(self.view.table(name))
@@ -482,7 +448,7 @@ class AsyncClient:
         *,
         leader: bool,
         partial: bool,
-    ) -> list[_Answer]:
+    ) -> list[Answer]:
         """Send each node its share of `ids`, retrying what can be retried; see module doc.
 
         `leader`: route each partition to its (cached) leader, as writes and leader reads
@@ -491,7 +457,7 @@ class AsyncClient:
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         self.stats.calls += 1
         todo = np.arange(len(ids), dtype=np.intp)
-        answers: list[_Answer] = []
+        answers: list[Answer] = []
         seen: list[_Failure] = []  # retried errors, to name the node if the deadline ends it
         failures: list[_Failure] = []
         attempt = chases = 0
@@ -585,20 +551,6 @@ class AsyncClient:
         alive = choose_replicas(view.replica_index, np.where(down, np.inf, 0.0))
         return np.where(down[leaders], alive, leaders)
 
-    def _read_costs(self, view: ClusterView) -> npt.NDArray[np.float64]:
-        """Return each node's cost as a read replica: in-flight requests, +slow mark, +inf if down."""
-        now = time.monotonic()
-        cost = np.array(
-            [
-                (self._conns[n].inflight if n in self._conns else 0)
-                + (_SLOW_COST if self._slow_until.get(n, 0.0) > now else 0.0)
-                for n in view.node_ids
-            ],
-            dtype=np.float64,
-        )
-        cost[[self._is_down(n) for n in view.node_ids]] = np.inf
-        return cost
-
     async def _send(self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float) -> pb.DataResponse:
         """Send one node its group; mark the node down if it does not answer, up if it does."""
         node_id = view.node_ids[group.node]
@@ -616,81 +568,12 @@ class AsyncClient:
 
     async def _send_one(
         self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float
-    ) -> list[_Answer]:
+    ) -> list[Answer]:
         return [(group.positions, await self._send(view, group, build, deadline))]
-
-    async def _timed_send(
-        self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float
-    ) -> pb.DataResponse:
-        """`_send` for reads, folding each answer's latency into the node's hedge delay."""
-        start = time.monotonic()
-        resp = await self._send(view, group, build, deadline)
-        self._hedging.record(view.node_ids[group.node], time.monotonic() - start)
-        return resp
-
-    async def _send_read(
-        self, view: ClusterView, table: str, ids: IdArray, group: NodeGroup, build: BuildRequest, deadline: float
-    ) -> list[_Answer]:
-        """Read one node's group; fail over at once on an error, hedge if it is slow (module doc, step 4)."""
-        node_id = view.node_ids[group.node]
-        primary = asyncio.ensure_future(self._timed_send(view, group, build, deadline))
-        policy = self._hedging.policy
-        try:
-            await asyncio.wait({primary}, timeout=self._hedging.delay_s(node_id) if policy.enabled else None)
-        except asyncio.CancelledError:
-            primary.cancel()
-            raise
-        if primary.done():
-            exc = primary.exception()
-            if exc is None:
-                return [(group.positions, primary.result())]
-            alternates = (
-                self._alternates(view, table, ids, group) if isinstance(exc, UnavailableError | ServerError) else None
-            )
-            if not alternates:
-                raise exc
-            self.stats.read_failovers += 1
-            return await self._send_groups(view, alternates, build, deadline)
-        alternates = self._alternates(view, table, ids, group)
-        if not alternates or not self._hedging.budget.take():
-            return [(group.positions, await primary)]
-        self.stats.hedges += 1
-        hedge = asyncio.ensure_future(self._send_groups(view, alternates, build, deadline))
-        try:
-            winner = await _first_success(primary, hedge)
-        finally:
-            if not primary.done():
-                self._leave_running(primary)  # its in-flight count keeps the next reads away
-            hedge.cancel()
-        if winner is primary:
-            return [(group.positions, primary.result())]
-        self.stats.hedges_won += 1
-        self._slow_until[node_id] = time.monotonic() + SLOW_S
-        return hedge.result()
-
-    def _alternates(self, view: ClusterView, table: str, ids: IdArray, group: NodeGroup) -> list[NodeGroup] | None:
-        """Split `group` over other live replicas of its partitions; None if one partition has none."""
-        alternate = alternate_replicas(view.replica_index, self._read_costs(view), group.node)
-        parts = partitions_of(table, ids[group.positions], view.partitions)
-        if (alternate[parts] < 0).any():
-            return None
-        return group_by_node(table, ids, group.positions, view.partitions, alternate)
-
-    async def _send_groups(
-        self, view: ClusterView, groups: list[NodeGroup], build: BuildRequest, deadline: float
-    ) -> list[_Answer]:
-        """Send several groups at once; return every answer or raise the first failure."""
-        self.stats.node_requests += len(groups)
-        replies = await asyncio.gather(*(self._timed_send(view, g, build, deadline) for g in groups))
-        return [(g.positions, r) for g, r in zip(groups, replies, strict=True)]
-
-    def _leave_running(self, task: asyncio.Task[Any]) -> None:
-        self._background.add(task)
-        task.add_done_callback(_forget(self._background))
 
     @staticmethod
     def _sort_outcomes(
-        groups: list[NodeGroup], outcomes: list[_Outcome], answers: list[_Answer]
+        groups: list[NodeGroup], outcomes: list[_Outcome], answers: list[Answer]
     ) -> tuple[list[_Failure], list[_Failure]]:
         retry: list[_Failure] = []
         failures: list[_Failure] = []
@@ -716,28 +599,6 @@ class AsyncClient:
             log.debug("map refresh during retry failed: %s", exc)
 
 
-async def _first_success(*tasks: asyncio.Task[Any]) -> asyncio.Task[Any]:
-    """Return the first of `tasks` to finish without an error; raise the first task's error if all fail."""
-    pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task in done and task.exception() is None:
-                return task
-    exc = tasks[0].exception()
-    assert exc is not None
-    raise exc
-
-
-def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a late failure of an ignored read is expected
-
-    return done
-
-
 def _consistency(value: object) -> pb.Consistency.ValueType:
     if isinstance(value, str) and value in _CONSISTENCY:
         return _CONSISTENCY[value]
@@ -752,39 +613,3 @@ def _worst(failures: list[_Failure]) -> KvError:
             if isinstance(err, cls):
                 return err
     return errors[0]
-
-
-def _schema_from_args(
-    name: str, dim: int | None, dtype: str, kind: str, default: Any, allow_nonfinite: bool
-) -> pb.TableSchema:
-    check_table_name(name)
-    if kind == "features":
-        if dim is not None or default is not None:
-            raise ClientError("features tables take no dim or default", field="dim")
-        return pb.TableSchema(name=name, kind=pb.FEATURES)
-    if kind != "embedding":
-        raise ClientError(f"kind: {kind!r} is not 'embedding' or 'features'", field="kind")
-    if dim is None:
-        raise ClientError("dim: an embedding table needs a dim", field="dim")
-    schema = pb.TableSchema(
-        name=name,
-        kind=pb.EMBEDDING,
-        dim=check_dim(dim),
-        dtype=dtype_code(dtype),
-        allow_nonfinite=allow_nonfinite,
-    )
-    schema.default_vector = _default_bytes(default, schema.dim)
-    return schema
-
-
-def _default_bytes(default: Any, dim: int) -> bytes:
-    if default is None or (isinstance(default, str) and default == "zeros"):
-        return b""
-    if isinstance(default, str) and default == "nan":
-        return np.full(dim, np.nan, dtype="<f4").tobytes()
-    if isinstance(default, str):
-        raise ClientError(f"default: {default!r} is not 'zeros', 'nan' or a vector", field="default")
-    row = np.asarray(default, dtype=np.float64)
-    if row.shape != (dim,):
-        raise ClientError(f"default: shape {row.shape} != ({dim},)", field="default")
-    return row.astype("<f4").tobytes()
