@@ -1,7 +1,8 @@
-"""Hedge delay estimator, hedge budget and alternate-replica choice: pure, checked by properties."""
+"""Hedge delay estimator, hedge budget, alternate-replica choice and the hedge race."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvclient import AsyncClient, ClientError
+from kvclient import AsyncClient, ClientError, ServerError, UnavailableError
 from kvclient._batch import alternate_replicas
 from kvclient._hedge import HedgeBudget, HedgePolicy, Hedging, LatencyEstimate
+from kvclient._reads import _first_success
 
 latencies = st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False), min_size=1, max_size=200)
 
@@ -134,3 +136,32 @@ def test_alternate_replica_is_the_cheapest_other_live_one(data: st.DataObject) -
             assert node == -1
         else:
             assert node == min(usable, key=lambda r: (cost[r], row.index(r)))
+
+
+async def _outcome(gate: asyncio.Event, value: object) -> object:
+    await gate.wait()
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
+def test_first_success_skips_a_failure_and_reports_the_node_error_when_all_fail() -> None:
+    async def scenario() -> None:
+        first_gate, second_gate = asyncio.Event(), asyncio.Event()
+        node = asyncio.ensure_future(_outcome(first_gate, UnavailableError("node down")))
+        hedge = asyncio.ensure_future(_outcome(second_gate, "hedge rows"))
+        race = asyncio.ensure_future(_first_success(node, hedge))
+        first_gate.set()  # the node fails first: the race waits for the hedge
+        for _ in range(10):  # let the failure propagate as far as it would
+            await asyncio.sleep(0)
+        assert node.done() and not race.done()
+        second_gate.set()
+        assert await race is hedge
+
+        gates = asyncio.Event()
+        both = [asyncio.ensure_future(_outcome(gates, ServerError(f"failure {i}"))) for i in range(2)]
+        gates.set()
+        with pytest.raises(ServerError, match="failure 0"):
+            await _first_success(*both)
+
+    asyncio.run(scenario())
