@@ -477,7 +477,7 @@ class AsyncClient(ReplicaReads):
                 ),
                 return_exceptions=True,
             )
-            self._learn(view, groups, outcomes)
+            self._learn(view, outcomes)
             retry, failures = self._sort_outcomes(groups, outcomes, answers)
             if not retry:
                 break
@@ -509,7 +509,7 @@ class AsyncClient(ReplicaReads):
         self.stats.partial_keys += sum(len(pos) for pos, _ in failures)
         return answers
 
-    def _learn(self, view: ClusterView, groups: list[NodeGroup], outcomes: list[_Outcome]) -> None:
+    def _learn(self, view: ClusterView, outcomes: list[_Outcome]) -> None:
         """Record the leader hints of NOT_LEADER replies (down marks are kept by `_send`)."""
         if view is not self._view:
             return
