@@ -38,14 +38,19 @@ class HedgePolicy:
 
     def validate(self) -> None:
         """Raise `ClientError` naming the first setting out of range."""
-        if self.after_ms is not None and not (0 <= self.after_ms <= 60_000 and math.isfinite(self.after_ms)):
-            raise ClientError(f"hedge_after_ms: {self.after_ms} must be None or in [0, 60000]", field="hedge_after_ms")
-        if not 0 <= self.min_ms <= (self.after_ms or math.inf):
-            raise ClientError(f"hedge_min_ms: {self.min_ms} must be in [0, hedge_after_ms]", field="hedge_min_ms")
-        if not 0 <= self.ratio <= 1:
-            raise ClientError(f"hedge_ratio: {self.ratio} must be in [0, 1]", field="hedge_ratio")
-        if not 1 <= self.burst <= 1000:
-            raise ClientError(f"hedge_burst: {self.burst} must be in [1, 1000]", field="hedge_burst")
+        if self.after_ms is not None and not (_is_number(self.after_ms) and 0 <= self.after_ms <= 60_000):
+            message = f"hedge_after_ms: {self.after_ms!r} must be None or in [0, 60000]"
+            raise ClientError(message, field="hedge_after_ms")
+        if not (_is_number(self.min_ms) and 0 <= self.min_ms <= (self.after_ms or math.inf)):
+            raise ClientError(f"hedge_min_ms: {self.min_ms!r} must be in [0, hedge_after_ms]", field="hedge_min_ms")
+        if not (_is_number(self.ratio) and 0 <= self.ratio <= 1):
+            raise ClientError(f"hedge_ratio: {self.ratio!r} must be in [0, 1]", field="hedge_ratio")
+        if not (_is_number(self.burst) and 1 <= self.burst <= 1000):
+            raise ClientError(f"hedge_burst: {self.burst!r} must be in [1, 1000]", field="hedge_burst")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class LatencyEstimate:

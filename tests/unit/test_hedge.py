@@ -103,11 +103,13 @@ def test_budget_refills_after_it_runs_dry() -> None:
         ({"after_ms": 5.0, "min_ms": 6.0}, "hedge_min_ms"),
         ({"ratio": 1.5}, "hedge_ratio"),
         ({"burst": 0.0}, "hedge_burst"),
+        ({"after_ms": "5"}, "hedge_after_ms"),
+        ({"ratio": math.nan}, "hedge_ratio"),
     ],
 )
-def test_bad_policy_names_the_field(kwargs: dict[str, float], field: str) -> None:
+def test_bad_policy_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ClientError) as info:
-        HedgePolicy(**kwargs).validate()
+        HedgePolicy(**kwargs).validate()  # type: ignore[arg-type]
     assert info.value.field == field
 
 
