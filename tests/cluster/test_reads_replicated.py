@@ -7,6 +7,7 @@ pid, through `LocalCluster.kill`), and every stopped node is resumed in a `final
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kvclient import Client, ClientError, NotLeaderError
+from kvclient import AsyncClient, Client, ClientError, ClientStats, NotLeaderError
 from kvclient._codec import pack_ids
 from kvclient._connection import ERROR_METADATA_KEY
 from kvclient._errors import error_from_proto
@@ -207,3 +208,33 @@ def test_leader_reads_follow_leadership_after_the_leader_dies(tmp_path: Path) ->
             print(f"fresh client: stats {fresh.stats}")
     finally:
         cluster.down()
+
+
+def test_cancelled_reads_leave_the_shared_stream_working(cluster: LocalCluster) -> None:
+    """Hedging cancels losing requests; cancelling one must not fail the others on its stream."""
+    ids = np.arange(KEYS, dtype=np.uint64)
+
+    async def scenario() -> tuple[int, ClientStats]:
+        async with AsyncClient(cluster.seeds, deadline_s=10.0, retry=PATIENT, hedge_after_ms=None) as kv:
+            await kv.put(TABLE, ids, np.full((KEYS, DIM), 3, dtype=np.float32))
+            for _ in range(200):  # followers apply the put a moment after the leader
+                if all([((await kv.get(TABLE, ids)).values == 3).all() for _ in range(3)]):
+                    break
+                await asyncio.sleep(0.05)
+            cancelled = 0
+            for round_ in range(40):
+                tasks = [asyncio.ensure_future(kv.get(TABLE, ids[i::4])) for i in range(4)]
+                for _ in range(round_ % 4):  # cancel at different points of the send
+                    await asyncio.sleep(0)
+                tasks[0].cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                cancelled += isinstance(results[0], asyncio.CancelledError)
+                for res in results[1:]:
+                    assert not isinstance(res, BaseException), res
+                    assert res.found.all() and (res.values == 3).all()
+            return cancelled, kv.stats
+
+    cancelled, stats = asyncio.run(scenario())
+    print(f"cancelled {cancelled} of 40; stats {stats}")
+    assert cancelled > 0
+    assert stats.unavailable_retries == 0 and stats.failed_calls == 0
