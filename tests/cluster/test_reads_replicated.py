@@ -126,7 +126,8 @@ def test_reads_hedge_around_a_stopped_replica(cluster: LocalCluster) -> None:
         wait_until(lambda: _all_replicas_equal(kv, cluster, ids, vectors), what="every replica to hold the rows")
         for _ in range(5):  # open a stream to every node before one stops
             kv.get(TABLE, ids)
-        victim = cluster.nodes[1]
+        first = kv.view.proto.placement[0].node_ids[0]  # the first choice for partition 0's keys
+        victim = next(n for n in cluster.nodes if n.node_id == first)
         before = (kv.stats.hedges, kv.stats.hedges_won)
         cluster.kill(victim.node_id, signal.SIGSTOP)
         try:
@@ -200,8 +201,9 @@ def test_leader_reads_follow_leadership_after_the_leader_dies(tmp_path: Path) ->
             kv.put(TABLE, ids, np.full((KEYS, DIM), 2, dtype=np.float32))
             assert (kv.get(TABLE, ids, consistency="leader").values == 2).all()
             print(f"after killing {victim}: stats {kv.stats}")
-        with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as fresh:
-            # Its first choice for some partitions is the dead node: those reads fail over at once.
+        with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT, hedge_after_ms=None) as fresh:
+            # Its first choice for some partitions is the dead node: those reads fail over at once
+            # (hedging off, so that a slow connection attempt is not hedged before it fails).
             res = fresh.get(TABLE, ids)
             assert res.found.all() and (res.values == 2).all()
             assert fresh.stats.read_failovers > 0 and fresh.stats.unavailable_retries == 0
