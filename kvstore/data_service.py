@@ -4,8 +4,10 @@ Read path on a node, per request:
 1. decode the packed ids (checked: multiple of 8 bytes, 1..MAX_BATCH_KEYS);
 2. look up the table in the map in force (UNKNOWN_TABLE otherwise);
 3. hash ids to partitions; refuse with STALE_MAP if any is not held here;
-4. gather cached rows with one numpy index; fetch misses from RocksDB per partition and
-   cache them; 5. reply with a found mask and the found rows as one packed buffer.
+4. with `consistency=LEADER` on a replicated cluster, refuse with NOT_LEADER (hints as for
+   writes) unless this node's replica leads every partition of the request;
+5. gather cached rows with one numpy index; fetch misses from RocksDB per partition and
+   cache them; 6. reply with a found mask and the found rows as one packed buffer.
 
 Write path with replicas > 1 (`_replicated_write`): validate and check ownership exactly as
 above (bad input changes nothing), split the batch into one `Command` per partition, and
@@ -330,6 +332,8 @@ class DataService(pb_grpc.DataServicer):
 
     def _get(self, req: pb.GetRequest, out: pb.GetResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
+        if req.consistency == pb.LEADER and local.replicated:
+            self._check_leads(np.unique(parts))
         store = self.state.store
         out.epoch = local.epoch
         if schema.kind == pb.FEATURES:
@@ -341,6 +345,27 @@ class DataService(pb_grpc.DataServicer):
         out.found = found.tobytes()
         out.values = rows.tobytes()
         out.dtype = schema.dtype
+
+    def _check_leads(self, parts: npt.NDArray[np.intp]) -> None:
+        """Refuse a leader read unless this node's replica leads every partition in `parts`.
+
+        Raises NOT_LEADER naming each refused partition's last known leader ("" during an
+        election). `is_leader()` turns False within `leader_fallback_s` (~2 s) after a
+        leader stops hearing from a majority, so a cut-off leader stops serving these reads.
+        """
+        rep = self.state.replicator
+        if rep is None:
+            raise UnavailableError(f"node {self.state.node_id} has no replicator (started without --raft-port)")
+        hints: dict[int, str] = {}
+        for part in parts.tolist():
+            try:
+                group = rep.group(part)
+            except KeyError:
+                raise UnavailableError(f"node {self.state.node_id}: partition {part} has no open group yet") from None
+            if not group.is_leader():
+                hints[part] = group.leader() or ""
+        if hints:
+            raise self._not_leader(hints)
 
     def _put(self, req: pb.PutRequest, out: pb.PutResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)

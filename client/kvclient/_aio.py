@@ -5,10 +5,15 @@ Read path, per `get`:
 2. dedupe the ids, hash them to partitions, choose one replica per partition (least
    in-flight requests first), group by node;
 3. send one request per node, all at once, over each node's shared stream;
-4. on a routing error refresh the map and resend only the affected group; on an
+4. with replicas > 1, a node that answers with an error has its share sent at once to
+   other replicas (failover), and a node that has not answered after its hedge delay has
+   its share sent to them as well, first full answer wins (a hedge): `_reads.py`;
+5. on a routing error refresh the map and resend only the affected group; on an
    unavailable node mark it down for `DOWN_S` (reads then pick another replica), back off
    and retry until the deadline;
-5. merge the per-node rows into one float32 matrix in the caller's order (numpy only).
+6. merge the per-node rows into one float32 matrix in the caller's order (numpy only).
+
+Leader reads (`consistency="leader"`) take the write route below and are never hedged.
 
 Writes go to each partition's leader: a per-partition cache of the leader's node index
 (replica 0 until a node says otherwise). A NOT_LEADER reply carries the leader of each
@@ -36,13 +41,12 @@ from kvclient._codec import (
     NUMPY_DTYPES,
     IdArray,
     as_ids,
-    check_dim,
     check_table_name,
     check_vectors,
     default_row,
-    dtype_code,
     pack_ids,
     pack_records,
+    schema_from_args,
     unpack_record,
 )
 from kvclient._connection import NodeConnection, Transport, error_from_rpc
@@ -54,35 +58,22 @@ from kvclient._errors import (
     RoutingError,
     UnavailableError,
 )
+from kvclient._hedge import HedgePolicy, Hedging
 from kvclient._proto import kvstore_pb2 as pb
+from kvclient._reads import Answer, BuildRequest, ReplicaReads
 from kvclient._results import FeaturesResult, GetResult, TableInfo
+from kvclient._stats import ClientStats
 
 log = logging.getLogger(__name__)
 
-BuildRequest = Callable[[npt.NDArray[np.intp], int], pb.DataRequest]
-"""Builds one node's request from positions into the batch's ids and the map epoch."""
-_Answer = tuple[npt.NDArray[np.intp], pb.DataResponse]
 _Failure = tuple[npt.NDArray[np.intp], KvError]
+_Outcome = list[Answer] | BaseException
 
 DOWN_S = 1.0
 """How long a node that failed to answer is skipped when choosing a replica."""
 MAX_LEADER_CHASES = 30
 """NOT_LEADER rounds per call (each resends at once or after a short backoff)."""
-
-
-@dataclass
-class ClientStats:
-    """Monotonic counters of what a client did, for benchmarks and dashboards."""
-
-    calls: int = 0  # get/put/delete/feature calls that reached the network
-    node_requests: int = 0  # per-node sub-requests sent
-    routing_retries: int = 0  # retry rounds after a stale map
-    unavailable_retries: int = 0  # retry rounds after an unreachable node
-    leader_chases: int = 0  # resends to a hinted leader
-    map_refreshes: int = 0
-    failed_calls: int = 0  # calls that raised after their retries
-    partial_keys: int = 0  # keys returned with status ERROR under partial=True
-    hedges: int = 0  # hedged sub-requests (not implemented yet: always 0)
+_CONSISTENCY = {"any": pb.ANY_REPLICA, "leader": pb.LEADER}
 
 
 @dataclass(frozen=True)
@@ -109,7 +100,7 @@ def _parse_seeds(seeds: Sequence[str] | str) -> list[str]:
     return out
 
 
-class AsyncClient:
+class AsyncClient(ReplicaReads):
     """Talks to a kvstore cluster from one asyncio event loop.
 
     Use as `async with AsyncClient(["127.0.0.1:7000"]) as kv: ...`. Not thread-safe; for
@@ -123,16 +114,22 @@ class AsyncClient:
         deadline_s: float = 5.0,
         transport: Transport = "stream",
         retry: RetryPolicy | None = None,
+        hedge_after_ms: float | None = 5.0,
+        hedge_ratio: float = 0.1,
     ) -> None:
         self._seeds = _parse_seeds(seeds)
         self.deadline_s = deadline_s
         self._transport: Transport = transport
         self._retry = retry or RetryPolicy()
         self._retry.validate()
+        min_ms = min(1.0, hedge_after_ms) if isinstance(hedge_after_ms, int | float) else 1.0
+        self._hedging = Hedging(HedgePolicy(after_ms=hedge_after_ms, min_ms=min_ms, ratio=hedge_ratio))
         self.stats = ClientStats()
         self._view: ClusterView | None = None
         self._leaders: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
         self._down_until: dict[str, float] = {}
+        self._slow_until: dict[str, float] = {}
+        self._background: set[asyncio.Task[Any]] = set()  # hedge losers left to finish
         self._conns: dict[str, NodeConnection] = {}
         self._refreshing: asyncio.Task[ClusterView] | None = None
 
@@ -149,6 +146,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close every connection."""
+        for task in list(self._background):
+            task.cancel()
         conns, self._conns = list(self._conns.values()), {}
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
@@ -236,7 +235,7 @@ class AsyncClient:
         `default` is what a missing key returns: None or "zeros" (zeros), "nan", or a
         vector of `dim` floats.
         """
-        schema = _schema_from_args(name, dim, dtype, kind, default, allow_nonfinite)
+        schema = schema_from_args(name, dim, dtype, kind, default, allow_nonfinite)
         req = pb.CreateTableRequest(schema=schema, if_not_exists=if_not_exists)
         await self._admin(lambda c: c.admin.CreateTable(req, timeout=self.deadline_s))
         return TableInfo.from_proto(self.view.table(name))
@@ -315,22 +314,35 @@ class AsyncClient:
 
     # ---- data ----
 
-    async def get(self, table: str, ids: Any, *, deadline_s: float | None = None, partial: bool = False) -> GetResult:
+    async def get(
+        self,
+        table: str,
+        ids: Any,
+        *,
+        deadline_s: float | None = None,
+        partial: bool = False,
+        consistency: str = "any",
+    ) -> GetResult:
         """Return the embeddings of `ids` in their order (duplicates allowed).
 
         Missing keys get the table default and `found=False`. With `partial=True`, keys whose
-        node failed by the deadline get status ERROR instead of failing the call. Raises
-        `ClientError` for bad input, `UnavailableError` / `DeadlineExceededError` otherwise.
+        node failed by the deadline get status ERROR instead of failing the call.
+        `consistency="any"` reads any live replica (a follower may lag by a few ms);
+        `"leader"` reads each partition's leader and sees every write acknowledged before.
+        Raises `ClientError` for bad input, `UnavailableError` / `DeadlineExceededError`
+        otherwise.
         """
         id_arr = as_ids(ids)
+        level = _consistency(consistency)
         schema = await self._schema(table, pb.EMBEDDING)
         uniq = dedupe(id_arr)
         merge = VectorMerge(len(uniq.ids), default_row(schema))
 
         def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
-            return pb.DataRequest(get=pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch))
+            get = pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch, consistency=level)
+            return pb.DataRequest(get=get)
 
-        answers = await self._scatter(table, uniq.ids, build, deadline_s, write=False, partial=partial)
+        answers = await self._scatter(table, uniq.ids, build, deadline_s, leader=level == pb.LEADER, partial=partial)
         for positions, resp in answers:
             found = np.frombuffer(resp.get.found, dtype=np.bool_)
             rows = np.frombuffer(resp.get.values, dtype=NUMPY_DTYPES[resp.get.dtype])
@@ -377,17 +389,28 @@ class AsyncClient:
         return await self._write(table, id_arr, build, deadline_s)
 
     async def get_features(
-        self, table: str, ids: Any, *, deadline_s: float | None = None, partial: bool = False
+        self,
+        table: str,
+        ids: Any,
+        *,
+        deadline_s: float | None = None,
+        partial: bool = False,
+        consistency: str = "any",
     ) -> FeaturesResult:
-        """Return the feature records of `ids` in their order; None where missing."""
+        """Return the feature records of `ids` in their order; None where missing.
+
+        `consistency` is "any" or "leader", as for `get`.
+        """
         id_arr = as_ids(ids)
+        level = _consistency(consistency)
         await self._schema(table, pb.FEATURES)
         uniq = dedupe(id_arr)
 
         def build(pos: npt.NDArray[np.intp], epoch: int) -> pb.DataRequest:
-            return pb.DataRequest(get=pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch))
+            get = pb.GetRequest(table=table, ids=pack_ids(uniq.ids[pos]), epoch=epoch, consistency=level)
+            return pb.DataRequest(get=get)
 
-        answers = await self._scatter(table, uniq.ids, build, deadline_s, write=False, partial=partial)
+        answers = await self._scatter(table, uniq.ids, build, deadline_s, leader=level == pb.LEADER, partial=partial)
         records: list[dict[str, Any] | None] = [None] * len(uniq.ids)
         status = np.full(len(uniq.ids), KeyStatus.ERROR, dtype=np.uint8)
         for positions, resp in answers:
@@ -413,7 +436,7 @@ class AsyncClient:
         return await self._write(table, id_arr, build, deadline_s)
 
     async def _write(self, table: str, ids: IdArray, build: BuildRequest, deadline_s: float | None) -> int:
-        answers = await self._scatter(table, ids, build, deadline_s, write=True, partial=False)
+        answers = await self._scatter(table, ids, build, deadline_s, leader=True, partial=False)
         return sum(int(r.put.written if r.HasField("put") else r.delete.deleted) for _, r in answers)
 
     async def _scatter(
@@ -423,26 +446,38 @@ class AsyncClient:
         build: BuildRequest,
         deadline_s: float | None,
         *,
-        write: bool,
+        leader: bool,
         partial: bool,
-    ) -> list[_Answer]:
-        """Send each node its share of `ids`, retrying what can be retried; see module doc."""
+    ) -> list[Answer]:
+        """Send each node its share of `ids`, retrying what can be retried; see module doc.
+
+        `leader`: route each partition to its (cached) leader, as writes and leader reads
+        need; otherwise to the least-loaded live replica, with failover and hedging.
+        """
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         self.stats.calls += 1
         todo = np.arange(len(ids), dtype=np.intp)
-        answers: list[_Answer] = []
+        answers: list[Answer] = []
         seen: list[_Failure] = []  # retried errors, to name the node if the deadline ends it
         failures: list[_Failure] = []
         attempt = chases = 0
         while True:
             view = self.view
-            groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, write))
+            groups = group_by_node(table, ids, todo, view.partitions, self._routes(view, leader))
             self.stats.node_requests += len(groups)
-            outcomes = await asyncio.gather(
-                *(self._send(view, g, build, deadline) for g in groups),
+            spread = not leader and view.proto.replicas > 1
+            if spread:
+                self._hedging.budget.earn(len(groups))
+            outcomes: list[_Outcome] = await asyncio.gather(
+                *(
+                    self._send_read(view, table, ids, g, build, deadline)
+                    if spread
+                    else self._send_one(view, g, build, deadline)
+                    for g in groups
+                ),
                 return_exceptions=True,
             )
-            self._learn(view, groups, outcomes)
+            self._learn(view, outcomes)
             retry, failures = self._sort_outcomes(groups, outcomes, answers)
             if not retry:
                 break
@@ -474,23 +509,16 @@ class AsyncClient:
         self.stats.partial_keys += sum(len(pos) for pos, _ in failures)
         return answers
 
-    def _learn(
-        self, view: ClusterView, groups: list[NodeGroup], outcomes: list[pb.DataResponse | BaseException]
-    ) -> None:
-        """Mark unreachable nodes down for a while and record leader hints."""
-        now = time.monotonic()
-        for group, out in zip(groups, outcomes, strict=True):
-            node_id = view.node_ids[group.node]
-            if isinstance(out, pb.DataResponse):
-                self._down_until.pop(node_id, None)
-            elif isinstance(out, NotLeaderError) and view is self._view:
-                pos = {n: i for i, n in enumerate(view.node_ids)}
+    def _learn(self, view: ClusterView, outcomes: list[_Outcome]) -> None:
+        """Record the leader hints of NOT_LEADER replies (down marks are kept by `_send`)."""
+        if view is not self._view:
+            return
+        pos = {n: i for i, n in enumerate(view.node_ids)}
+        for out in outcomes:
+            if isinstance(out, NotLeaderError):
                 for part, leader in out.leaders.items():
                     if leader in pos and 0 <= part < len(self._leaders):
                         self._leaders[part] = pos[leader]
-            elif isinstance(out, UnavailableError) and not out.epoch:
-                # No epoch: the node itself did not answer (an in-band error carries one).
-                self._down_until[node_id] = now + DOWN_S
 
     def _hints_usable(self, view: ClusterView, retry: list[_Failure]) -> bool:
         """Whether every refused partition names a leader that is not marked down."""
@@ -510,38 +538,48 @@ class AsyncClient:
             return False
         return True
 
-    def _routes(self, view: ClusterView, write: bool) -> npt.NDArray[np.intp]:
+    def _routes(self, view: ClusterView, leader: bool) -> npt.NDArray[np.intp]:
+        if not leader:
+            return choose_replicas(view.replica_index, self._read_costs(view))
+        if view.proto.replicas <= 1:
+            return view.replica_index[:, 0]
         down = np.array([self._is_down(n) for n in view.node_ids], dtype=np.bool_)
-        if write:
-            if view.proto.replicas <= 1:
-                return view.replica_index[:, 0]
-            leaders = self._leaders if len(self._leaders) == view.partitions else view.replica_index[:, 0]
-            if not down.any():
-                return leaders
-            # A cached leader that is down: ask a live replica, which names the new leader.
-            alive = choose_replicas(view.replica_index, np.where(down, np.inf, 0.0))
-            return np.where(down[leaders], alive, leaders)
-        cost = np.array([self._conns[n].inflight if n in self._conns else 0 for n in view.node_ids], dtype=np.float64)
-        cost[down] = np.inf
-        return choose_replicas(view.replica_index, cost)
+        leaders = self._leaders if len(self._leaders) == view.partitions else view.replica_index[:, 0]
+        if not down.any():
+            return leaders
+        # A cached leader that is down: ask a live replica, which names the new leader.
+        alive = choose_replicas(view.replica_index, np.where(down, np.inf, 0.0))
+        return np.where(down[leaders], alive, leaders)
 
     async def _send(self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float) -> pb.DataResponse:
+        """Send one node its group; mark the node down if it does not answer, up if it does."""
         node_id = view.node_ids[group.node]
         conn = self._connection(node_id, view.addresses[node_id])
-        resp = await conn.request(build(group.positions, view.epoch), deadline - time.monotonic())
+        try:
+            resp = await conn.request(build(group.positions, view.epoch), deadline - time.monotonic())
+        except UnavailableError as exc:
+            if not exc.epoch:  # no epoch: the node itself did not answer (an in-band error carries one)
+                self._down_until[node_id] = time.monotonic() + DOWN_S
+            raise
+        self._down_until.pop(node_id, None)
         field = resp.WhichOneof("result")
         self._note_epoch(int(getattr(resp, field).epoch) if field else 0)
         return resp
 
+    async def _send_one(
+        self, view: ClusterView, group: NodeGroup, build: BuildRequest, deadline: float
+    ) -> list[Answer]:
+        return [(group.positions, await self._send(view, group, build, deadline))]
+
     @staticmethod
     def _sort_outcomes(
-        groups: list[NodeGroup], outcomes: list[pb.DataResponse | BaseException], answers: list[_Answer]
+        groups: list[NodeGroup], outcomes: list[_Outcome], answers: list[Answer]
     ) -> tuple[list[_Failure], list[_Failure]]:
         retry: list[_Failure] = []
         failures: list[_Failure] = []
         for group, out in zip(groups, outcomes, strict=True):
-            if isinstance(out, pb.DataResponse):
-                answers.append((group.positions, out))
+            if isinstance(out, list):
+                answers.extend(out)
             elif isinstance(out, ClientError):
                 raise out
             elif isinstance(out, RoutingError | UnavailableError):
@@ -561,6 +599,12 @@ class AsyncClient:
             log.debug("map refresh during retry failed: %s", exc)
 
 
+def _consistency(value: object) -> pb.Consistency.ValueType:
+    if isinstance(value, str) and value in _CONSISTENCY:
+        return _CONSISTENCY[value]
+    raise ClientError(f"consistency: {value!r} is not 'any' or 'leader'", field="consistency")
+
+
 def _worst(failures: list[_Failure]) -> KvError:
     """Pick the error to raise: unavailability names the node, over a bare deadline."""
     errors = [err for _, err in failures]
@@ -569,39 +613,3 @@ def _worst(failures: list[_Failure]) -> KvError:
             if isinstance(err, cls):
                 return err
     return errors[0]
-
-
-def _schema_from_args(
-    name: str, dim: int | None, dtype: str, kind: str, default: Any, allow_nonfinite: bool
-) -> pb.TableSchema:
-    check_table_name(name)
-    if kind == "features":
-        if dim is not None or default is not None:
-            raise ClientError("features tables take no dim or default", field="dim")
-        return pb.TableSchema(name=name, kind=pb.FEATURES)
-    if kind != "embedding":
-        raise ClientError(f"kind: {kind!r} is not 'embedding' or 'features'", field="kind")
-    if dim is None:
-        raise ClientError("dim: an embedding table needs a dim", field="dim")
-    schema = pb.TableSchema(
-        name=name,
-        kind=pb.EMBEDDING,
-        dim=check_dim(dim),
-        dtype=dtype_code(dtype),
-        allow_nonfinite=allow_nonfinite,
-    )
-    schema.default_vector = _default_bytes(default, schema.dim)
-    return schema
-
-
-def _default_bytes(default: Any, dim: int) -> bytes:
-    if default is None or (isinstance(default, str) and default == "zeros"):
-        return b""
-    if isinstance(default, str) and default == "nan":
-        return np.full(dim, np.nan, dtype="<f4").tobytes()
-    if isinstance(default, str):
-        raise ClientError(f"default: {default!r} is not 'zeros', 'nan' or a vector", field="default")
-    row = np.asarray(default, dtype=np.float64)
-    if row.shape != (dim,):
-        raise ClientError(f"default: shape {row.shape} != ({dim},)", field="default")
-    return row.astype("<f4").tobytes()

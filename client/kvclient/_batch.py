@@ -113,3 +113,19 @@ def choose_replicas(replica_index: npt.NDArray[np.intp], node_cost: npt.NDArray[
     best = np.argmin(costs, axis=1)
     chosen = replica_index[np.arange(len(replica_index)), best]
     return np.where(chosen >= 0, chosen, replica_index[:, 0])
+
+
+def alternate_replicas(
+    replica_index: npt.NDArray[np.intp], node_cost: npt.NDArray[np.float64], exclude: int
+) -> npt.NDArray[np.intp]:
+    """Return, per partition, the cheapest replica other than node `exclude`; -1 if none is usable.
+
+    Used to hedge or fail over a node's share of a read: a replica costing +inf (marked
+    down) or the excluded node never qualifies.
+    """
+    cost = np.append(node_cost, np.inf)  # index -1 (no replica) costs +inf
+    cost[exclude] = np.inf
+    costs = cost[replica_index]
+    best = np.argmin(costs, axis=1)
+    rows = np.arange(len(replica_index))
+    return np.where(np.isfinite(costs[rows, best]), replica_index[rows, best], -1)

@@ -234,3 +234,40 @@ def default_row(table: pb.TableSchema) -> npt.NDArray[np.float32]:
     if table.default_vector:
         return np.frombuffer(table.default_vector, dtype="<f4")
     return np.zeros(table.dim, dtype=np.float32)
+
+
+def schema_from_args(
+    name: str, dim: int | None, dtype: str, kind: str, default: Any, allow_nonfinite: bool
+) -> pb.TableSchema:
+    """Build a table schema from `create_table` arguments; raise `ClientError` naming a bad one."""
+    check_table_name(name)
+    if kind == "features":
+        if dim is not None or default is not None:
+            raise ClientError("features tables take no dim or default", field="dim")
+        return pb.TableSchema(name=name, kind=pb.FEATURES)
+    if kind != "embedding":
+        raise ClientError(f"kind: {kind!r} is not 'embedding' or 'features'", field="kind")
+    if dim is None:
+        raise ClientError("dim: an embedding table needs a dim", field="dim")
+    schema = pb.TableSchema(
+        name=name,
+        kind=pb.EMBEDDING,
+        dim=check_dim(dim),
+        dtype=dtype_code(dtype),
+        allow_nonfinite=allow_nonfinite,
+    )
+    schema.default_vector = default_bytes(default, schema.dim)
+    return schema
+
+
+def default_bytes(default: Any, dim: int) -> bytes:
+    if default is None or (isinstance(default, str) and default == "zeros"):
+        return b""
+    if isinstance(default, str) and default == "nan":
+        return np.full(dim, np.nan, dtype="<f4").tobytes()
+    if isinstance(default, str):
+        raise ClientError(f"default: {default!r} is not 'zeros', 'nan' or a vector", field="default")
+    row = np.asarray(default, dtype=np.float64)
+    if row.shape != (dim,):
+        raise ClientError(f"default: shape {row.shape} != ({dim},)", field="default")
+    return row.astype("<f4").tobytes()

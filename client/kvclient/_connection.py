@@ -110,8 +110,9 @@ class NodeConnection:
         fut: asyncio.Future[pb.DataResponse] = asyncio.get_running_loop().create_future()
         self._pending[req.request_id] = fut
         try:
-            async with self._write_lock:  # gRPC allows one message in flight per call
-                await call.write(req)
+            # Shielded: grpc.aio cancels the whole call when a write is cancelled, which would
+            # fail every request sharing the stream (hedging cancels losing requests routinely).
+            await asyncio.shield(self._write(call, req))
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             raise DeadlineExceededError(f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms") from None
@@ -121,6 +122,17 @@ class NodeConnection:
             raise UnavailableError(f"node {self.label}: stream closed") from None
         finally:
             self._pending.pop(req.request_id, None)
+
+    def _write(self, call: grpc.aio.StreamStreamCall, req: pb.DataRequest) -> asyncio.Task[None]:
+        """Start writing `req` as its own task, so that cancelling the caller cannot cut it short."""
+
+        async def write() -> None:
+            async with self._write_lock:  # gRPC allows one message in flight per call
+                await call.write(req)
+
+        task = asyncio.ensure_future(write())
+        task.add_done_callback(_retrieve)
+        return task
 
     def _ensure_stream(self) -> grpc.aio.StreamStreamCall:
         if self._call is None:
@@ -166,3 +178,9 @@ class NodeConnection:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         await self._channel.close()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a write's failure as seen: the caller may be gone, and the reader reports it."""
+    if not task.cancelled():
+        task.exception()

@@ -45,7 +45,7 @@ class RoutingError(KvError):
 
 
 class NotLeaderError(RoutingError):
-    """A write reached a replica that does not lead its partition; `leaders` maps partition -> hint.
+    """A write or leader read reached a replica that does not lead its partition; `leaders` maps partition -> hint.
 
     A hint of "" means no leader is known yet (an election is running): back off, then retry.
     """

@@ -44,11 +44,21 @@ class Client:
         deadline_s: float = 5.0,
         transport: Transport = "stream",
         retry: RetryPolicy | None = None,
+        hedge_after_ms: float | None = 5.0,
+        hedge_ratio: float = 0.1,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvclient-loop", daemon=True)
         self._thread.start()
-        self._aio = self._run(_make(seeds, deadline_s, transport, retry))
+        options = {"deadline_s": deadline_s, "transport": transport, "retry": retry}
+        hedging = {"hedge_after_ms": hedge_after_ms, "hedge_ratio": hedge_ratio}
+        try:
+            self._aio = self._run(_make(seeds, **options, **hedging))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+            raise
         self._closed = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -95,11 +105,9 @@ class Client:
     put_features = _blocking(AsyncClient.put_features)
 
 
-async def _make(
-    seeds: Sequence[str] | str, deadline_s: float, transport: Transport, retry: RetryPolicy | None
-) -> AsyncClient:
+async def _make(seeds: Sequence[str] | str, **options: Any) -> AsyncClient:
     # Built on the loop thread so that its gRPC objects bind to that loop.
-    return AsyncClient(seeds, deadline_s=deadline_s, transport=transport, retry=retry)
+    return AsyncClient(seeds, **options)
 
 
 __all__ = ["Client"]
