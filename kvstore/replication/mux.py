@@ -10,6 +10,9 @@ Fairness: each group has its own FIFO queue per link and groups take turns, so o
 snapshot or large batch cannot delay another group's heartbeat (a group's own messages keep
 their order: pysyncobj needs that).
 
+Durability ordering: `before_write` (the Raft log's flush) runs before any byte is written
+to a socket, so no ack or vote leaves before the log changes it answers for are written.
+
 Not thread-safe: every method runs on the driver thread that owns the poller.
 """
 
@@ -133,8 +136,10 @@ class Mux:
         reconnect_s: float = 0.5,
         compress_min_bytes: int | None = None,
         socket_buffer_bytes: int = 1024 * 1024,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self._poller = poller
+        self._before_write = before_write
         self._secret = secret
         self._on_message = on_message
         self._on_link = on_link
@@ -198,6 +203,8 @@ class Mux:
             self._write(link)
 
     def _write(self, link: _Link) -> None:
+        if self._before_write is not None:
+            self._before_write()
         while True:
             if not link.out:
                 link.refill()

@@ -4,9 +4,12 @@ Each local partition replica is a `SyncObj` with one replicated method taking ou
 bytes. What we replace or configure, and why (measured facts in shared/notes/pysyncobj.md):
 
 - `autoTick=False`, one `Driver` thread for all groups, and every group's poller is the
-  driver's (`_RaftGroup._poller`): no thread per group; the PipeNotifier that pysyncobj
-  creates with `appendEntriesUseBatch=False` wakes the driver when a proposal is queued, so
-  a commit takes milliseconds instead of an append period.
+  driver's (`_RaftGroup._poller`): no thread per group. With `appendEntriesUseBatch=False`
+  a queued proposal marks its group for the driver's next round (`_DriverNotifier`), so a
+  commit takes milliseconds instead of an append period.
+- Proposals go through the driver (`propose_async`): every proposal queued since the last
+  round is appended in that round and shipped to each follower in one message
+  (`_RaftGroup._checkCommandsToApply`), not one message per proposal.
 - `_GroupTransport` sends through the node's `Mux`: one port and one TCP connection per
   peer for all groups, msgpack on the wire, peers outside the group refused.
 - `_Journal` keeps the log in RocksDB (`raft_log.py`): compaction is one atomic range
@@ -22,18 +25,22 @@ pysyncobj internals we touch (tests: tests/replication/test_internals.py; 6 in t
 2. `pysyncobj.syncobj.createJournal` is wrapped so a `Journal` instance passed as
    `journalFile` is used as is (there is no public journal seam).
 3. `SyncObj._SyncObj__serializer` is replaced after construction by `_AsyncSerializer`.
-4. The group's PipeNotifier fds are closed on removal (`_SyncObj__pipeNotifier`); pysyncobj
-   leaks them.
+4. The group's PipeNotifier (`_SyncObj__pipeNotifier`, a pipe per group) is closed after
+   construction and replaced by `_DriverNotifier`.
 5. `_SyncObj__raftNextIndex` is kept from moving back on a stale successful ack (see
    `_GroupTransport._deliver_ack`): pysyncobj otherwise resends entries and followers truncate
    and rewrite acknowledged (even applied) entries.
 6. A received snapshot is restored on the snapshot thread before pysyncobj sees its last
    chunk (`_GroupTransport._start_restore`, reads `_Serializer__incomingTransmissionFile`);
    the group's ticks and messages wait meanwhile, other groups carry on.
+7. `_SyncObj__sendAppendEntries` is shadowed by a no-op while `_checkCommandsToApply` takes
+   the queued commands, then called once (`_RaftGroup._checkCommandsToApply`).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
 import struct
@@ -41,6 +48,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -66,6 +74,7 @@ from kvstore.replication import (
 )
 from kvstore.replication.driver import Driver
 from kvstore.replication.mux import Mux, Poller
+from kvstore.replication.proposals import Deadlines, Result, settle
 from kvstore.replication.raft_log import Entry, GroupLog, LogStore
 
 log = logging.getLogger(__name__)
@@ -212,6 +221,17 @@ class _GroupPoller:
 
     def poll(self, timeout: float) -> None:
         pass
+
+
+class _DriverNotifier:
+    """Stands in for pysyncobj's PipeNotifier: a queued command marks its group for the driver."""
+
+    def __init__(self, driver: Driver, partition: int) -> None:
+        self._driver = driver
+        self._partition = partition
+
+    def notify(self) -> None:
+        self._driver.mark_threadsafe(self._partition)
 
 
 class _GroupTransport(Transport):
@@ -465,6 +485,32 @@ class _RaftGroup(SyncObj):
         if not self._kv_restoring:
             self.doTick(0.0)
 
+    def _checkCommandsToApply(self) -> None:  # noqa: N802 (pysyncobj's name)
+        # With appendEntriesUseBatch=False pysyncobj sends append_entries to every follower
+        # after each command it appends: k queued proposals became k messages per follower,
+        # k acks back and k follower log writes. Append them all, then send once.
+        raft_log = self._SyncObj__raftLog
+        last_before = raft_log[-1][1]
+        self._SyncObj__sendAppendEntries = _no_send  # shadows the method for this call only
+        try:
+            super()._checkCommandsToApply()
+        finally:
+            del self._SyncObj__sendAppendEntries
+        if raft_log[-1][1] != last_before and self._isLeader():
+            self._SyncObj__sendAppendEntries()
+
+    def _kv_replace_notifier(self) -> None:
+        """Close pysyncobj's notifier pipe (one per group) and mark the group on the driver instead."""
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        for fd in list(self._kv_group_poller.fds):
+            self._kv_group_poller.unsubscribe(fd)
+        if notifier is not None:
+            for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
+                pipe_fd = getattr(notifier, name, None)
+                if pipe_fd is not None:
+                    os.close(pipe_fd)
+        self._SyncObj__pipeNotifier = _DriverNotifier(self._kv_replicator._driver, self._kv_partition)
+
     def _kv_restore_file(self, path: str) -> None:
         sm, partition = self._kv_replicator._sm, self._kv_partition
         with open(path, "rb") as inp:
@@ -484,15 +530,9 @@ class _RaftGroup(SyncObj):
                 log.info("snapshot restored partition=%d index=%d (local was %d)", self._kv_partition, index, local)
         return last, prev, [TCPNode(address) for address in header["cluster"]]
 
-    def _kv_close_pipe(self) -> None:
-        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+    def _kv_unsubscribe_all(self) -> None:
         for fd in list(self._kv_group_poller.fds):
             self._kv_group_poller.unsubscribe(fd)
-        if notifier is not None:
-            for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
-                pipe_fd = getattr(notifier, name, None)
-                if pipe_fd is not None:
-                    os.close(pipe_fd)
 
 
 # ---- the public API ----
@@ -508,30 +548,33 @@ class PySyncObjGroup:
         self._change_lock = threading.Lock()
 
     def propose(self, command: bytes, timeout_s: float = 5.0) -> bytes | None:
-        if len(command) > self._replicator.config.max_command_bytes:
-            raise ValueError(
-                f"command: {len(command)} bytes > max_command_bytes {self._replicator.config.max_command_bytes}"
-            )
-        if not self._raft._isLeader():
-            raise NotLeaderError(self.partition, self.leader())
-        done = threading.Event()
-        outcome: list[tuple[Any, int]] = []
+        future = self.propose_async(command, timeout_s)
+        try:
+            return future.result(timeout_s + 5.0)  # the driver fails it at timeout_s
+        except FutureTimeoutError:
+            raise ProposalTimeoutError(f"partition {self.partition}: no outcome after {timeout_s} s") from None
 
-        def on_result(result: Any, error: int) -> None:
-            outcome.append((result, error))
-            done.set()
+    def propose_async(self, command: bytes, timeout_s: float = 5.0) -> Future[Result]:
+        future: Future[Result] = Future()
+        limit = self._replicator.config.max_command_bytes
+        if len(command) > limit:
+            settle(future, error=ValueError(f"command: {len(command)} bytes > max_command_bytes {limit}"))
+        elif not self._raft._isLeader():
+            settle(future, error=NotLeaderError(self.partition, self.leader()))
+        else:
+            self._replicator._submit(self.partition, command, future, time.monotonic() + timeout_s)
+        return future
 
-        self._raft._kv_apply(command, callback=on_result)
-        if not done.wait(timeout_s):
-            raise ProposalTimeoutError(f"partition {self.partition}: no outcome after {timeout_s} s (may still commit)")
-        result, error = outcome[0]
+    def _outcome(self, future: Future[Result], result: Any, error: int) -> None:
+        """pysyncobj's callback (driver thread): complete `future` from its outcome."""
         if error == FAIL_REASON.SUCCESS:
-            return result
-        if error in _NOT_LEADER_REASONS:
-            raise NotLeaderError(self.partition, self.leader())
-        if error in _UNKNOWN_REASONS:
-            raise ProposalTimeoutError(f"partition {self.partition}: outcome unknown (pysyncobj reason {error})")
-        raise ReplicationError(f"partition {self.partition}: proposal failed (pysyncobj reason {error})")
+            settle(future, result)
+        elif error in _NOT_LEADER_REASONS:
+            settle(future, error=NotLeaderError(self.partition, self.leader()))
+        elif error in _UNKNOWN_REASONS:
+            settle(future, error=ProposalTimeoutError(f"partition {self.partition}: outcome unknown (reason {error})"))
+        else:
+            settle(future, error=ReplicationError(f"partition {self.partition}: proposal failed (reason {error})"))
 
     def is_leader(self) -> bool:
         return bool(self._raft._isLeader())
@@ -672,6 +715,9 @@ class PySyncObjReplicator:
         self._addresses: dict[NodeId, str] = {}
         self._nodes: dict[str, NodeId] = {}
         self._poller = Poller()
+        self._proposals: collections.deque[tuple[int, bytes, Future[Result], float]] = collections.deque()
+        self._take_scheduled = False
+        self._deadlines = Deadlines()
         self._mux = Mux(
             self._poller,
             secret=config.secret,
@@ -679,9 +725,10 @@ class PySyncObjReplicator:
             on_link=self._on_link,
             reconnect_s=config.reconnect_s,
             compress_min_bytes=config.compress_min_bytes,
+            before_write=self._flush_log,
         )
         self._driver = Driver(
-            self._poller, tick_s=config.tick_s, on_idle_tick=self._on_idle_tick, on_flush=self._mux.flush
+            self._poller, tick_s=config.tick_s, on_idle_tick=self._on_idle_tick, on_flush=self._end_round
         )
         self._snapshots = ThreadPoolExecutor(1, thread_name_prefix="raft-snapshot")
         self._log_store: LogStore | None = None
@@ -727,6 +774,7 @@ class PySyncObjReplicator:
             self._trim_to_dump(group_log, dump_path)
         raft = _RaftGroup(self, partition, others, self._syncobj_conf(group_log, dump_path))
         raft._kv_log = group_log
+        raft._kv_replace_notifier()
         raft._SyncObj__serializer = _AsyncSerializer(raft, dump_path, self.config.snapshot_chunk_bytes)
         group = PySyncObjGroup(self, partition, raft)
         self._groups[partition] = group
@@ -781,7 +829,7 @@ class PySyncObjReplicator:
             return
         group._raft._SyncObj__serializer.cancel()
         group._raft.destroy()
-        group._raft._kv_close_pipe()
+        group._raft._kv_unsubscribe_all()
         self._peers_changed()
         if purge:
             assert self._log_store is not None
@@ -827,8 +875,45 @@ class PySyncObjReplicator:
     def _close_all(self) -> None:
         for partition in list(self._groups):
             self._close_group(partition, purge=False)
+        self._take_proposals()
+        self._deadlines.fail_all("the replicator closed")
+
+    # ---- proposals ----
+
+    def _submit(self, partition: int, command: bytes, future: Future[Result], deadline: float) -> None:
+        """Queue a proposal for the driver's next round (any thread)."""
+        if self._closed:
+            settle(future, error=ReplicationError(f"partition {partition}: the replicator is closed"))
+            return
+        self._proposals.append((partition, command, future, deadline))
+        if not self._take_scheduled:  # one driver call takes every proposal queued before it runs
+            self._take_scheduled = True
+            self._driver.call_soon(self._take_proposals)
+
+    def _take_proposals(self) -> None:
+        """Hand every queued proposal to its group (driver thread); each group ticks this round."""
+        self._take_scheduled = False  # before taking: a proposal queued after this schedules a new call
+        while self._proposals:
+            partition, command, future, deadline = self._proposals.popleft()
+            group = self._groups.get(partition)
+            if group is None:
+                settle(future, error=NotLeaderError(partition, None))
+            elif not group._raft._isLeader():
+                settle(future, error=NotLeaderError(partition, group.leader()))
+            elif not future.done():
+                self._deadlines.track(future, partition, deadline)
+                group._raft._kv_apply(command, callback=functools.partial(group._outcome, future))
 
     # ---- driver callbacks ----
+
+    def _flush_log(self) -> None:
+        if self._log_store is not None:
+            self._log_store.flush()
+
+    def _end_round(self) -> None:
+        self._deadlines.expire(time.monotonic())
+        self._flush_log()
+        self._mux.flush()
 
     def _on_message(self, peer: str, partition: int, message: dict[str, Any]) -> None:
         group = self._groups.get(partition)
@@ -891,6 +976,10 @@ class PySyncObjReplicator:
             return self._addresses[node]
         except KeyError:
             raise MembershipChangeError(f"unknown node {node!r}: add it with its address first") from None
+
+
+def _no_send() -> None:
+    pass
 
 
 def _unused_hook(*args: Any) -> Any:
