@@ -846,6 +846,10 @@ class PySyncObjReplicator:
     def partitions(self) -> list[int]:
         return sorted(self._groups)
 
+    def log_writes(self) -> int:
+        """Return the RocksDB writes the Raft log made so far (one per driver round at most)."""
+        return 0 if self._log_store is None else self._log_store.writes
+
     def leader_count(self) -> int:
         return sum(1 for g in list(self._groups.values()) if g.is_leader())
 

@@ -63,6 +63,8 @@ def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dic
         "serializing": lambda p: rep.group(p)._raft._SyncObj__serializer._job is not None,
         "log_entries": lambda p: rep.group(p).status().log_entries,
         "restoring": lambda p: rep.group(p)._raft._kv_restoring,
+        "propose_many": lambda items, timeout_s: _propose_many(rep, items, timeout_s),
+        "io_counts": lambda: {"log_writes": rep.log_writes(), "messages": rep._mux.messages_sent},
     }
     try:
         while True:
@@ -81,6 +83,15 @@ def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dic
         sm.close()
         with contextlib.suppress(OSError):
             conn.send(("ok", "bye"))
+
+
+def _propose_many(rep: Any, items: list[tuple[int, bytes]], timeout_s: float) -> list[Any]:
+    """Propose every (partition, command) at once with `propose_async`; return results or exceptions."""
+    from kvstore.replication import when_all
+
+    futures = [rep.group(p).propose_async(command, timeout_s) for p, command in items]
+    when_all(futures).result(timeout_s + 10)
+    return [f.exception() or f.result() for f in futures]
 
 
 class NodeError(Exception):
