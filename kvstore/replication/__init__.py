@@ -2,7 +2,7 @@
 
 The node talks to a `Replicator` (one per process) and its `PartitionGroup`s; the state
 machine it supplies implements `StateMachine`. The only implementation today is
-`kvstore.replication.pysyncobj_engine.PySyncObjReplicator` (the one module that imports
+`kvstore.replication.pysyncobj_engine.PySyncObjReplicator` (the one package that imports
 pysyncobj); nothing here depends on it, so the engine can be replaced.
 
 Write path on the leader:
