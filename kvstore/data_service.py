@@ -205,7 +205,10 @@ class DataService(pb_grpc.DataServicer):
         if hints:
             raise self._not_leader(hints)
         futures = [groups[cmd.partition].propose_async(encode(cmd), PROPOSE_TIMEOUT_S) for cmd in commands]
-        await asyncio.wrap_future(replication.when_all(futures))  # one wake-up for the whole request
+        try:  # one wake-up for the whole request; the engine fails each proposal at its timeout
+            await asyncio.wait_for(asyncio.wrap_future(replication.when_all(futures)), PROPOSE_TIMEOUT_S + 5.0)
+        except TimeoutError:  # the engine itself is stuck: never hold the request forever
+            raise UnavailableError(f"node {self.state.node_id}: the replication engine did not answer, retry") from None
         results = [f.exception() or f.result() for f in futures]
         for part, result in zip((cmd.partition for cmd in commands), results, strict=True):
             if isinstance(result, replication.NotLeaderError):

@@ -307,4 +307,4 @@ class PySyncObjReplicator:
 
 
 def _unused_hook(*args: Any) -> Any:
-    raise AssertionError("replaced by _AsyncSerializer")
+    raise AssertionError("replaced by AsyncSerializer")
