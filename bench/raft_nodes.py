@@ -1,21 +1,23 @@
-"""Replicator node processes for the Raft benches: an in-memory state machine, driven over a pipe."""
+"""Replicator node processes for the Raft benches: an in-memory state machine, driven over a pipe.
+
+The process launcher is `kvstore.replication.node_process` (the tests' harness uses it too).
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import multiprocessing as mp
 import os
-import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
+from concurrent.futures import Future
 from typing import Any, BinaryIO
 
 import msgpack
 
-_CTX = mp.get_context("spawn")
+from kvstore.replication.node_process import ReplicatorProcess, ServedNode
 
 
 class MemStateMachine:
@@ -50,8 +52,10 @@ class MemStateMachine:
             self._applied[partition], self._bytes[partition] = applied, size
 
 
-def _load(rep: Any, partitions: list[int], seconds: float, command: bytes) -> tuple[list[float], int]:
-    """Propose `command` back to back on each partition (one thread each).
+def _load(
+    rep: Any, partitions: list[int], seconds: float, command: bytes, in_flight: int = 1
+) -> tuple[list[float], int]:
+    """Propose `command` back to back on each partition (one thread each, `in_flight` at a time).
 
     Returns the latencies in ms and the largest follower lag (entries) seen meanwhile.
     """
@@ -63,10 +67,14 @@ def _load(rep: Any, partitions: list[int], seconds: float, command: bytes) -> tu
 
     def run(p: int) -> None:
         group, mine = rep.group(p), []
-        while time.monotonic() < stop_at:
-            start = time.perf_counter()
+        window: collections.deque[tuple[float, Future[bytes | None]]] = collections.deque()
+        while time.monotonic() < stop_at or window:
+            if len(window) < in_flight and time.monotonic() < stop_at:
+                window.append((time.perf_counter(), group.propose_async(command, 10.0)))
+                continue
+            start, future = window.popleft()
             try:
-                group.propose(command, 10.0)
+                future.result()
             except ReplicationError:  # leadership moved: not counted
                 time.sleep(0.01)
                 continue
@@ -92,58 +100,29 @@ def _load(rep: Any, partitions: list[int], seconds: float, command: bytes) -> tu
     return latencies, max_lag[0]
 
 
-def _serve(conn: Connection, node_id: str, data_dir: str, config: dict[str, Any]) -> None:
+def _bench_node(node_id: str, data_dir: str, port: int, config: dict[str, Any]) -> ServedNode:
+    """Child process: a replicator over a `MemStateMachine`, with the requests the benches make."""
     from kvstore.replication import NodeId
     from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
 
-    rep = PySyncObjReplicator(NodeId(node_id), PySyncObjConfig(data_dir=data_dir, **config), MemStateMachine())
+    rep = PySyncObjReplicator(
+        NodeId(node_id), PySyncObjConfig(data_dir=data_dir, port=port, **config), MemStateMachine()
+    )
     rep.start()
-    conn.send(rep.address)
     handlers: dict[str, Callable[..., Any]] = {
         "open": lambda members, parts: [rep.add_group(p, members) and None for p in parts],
         "leaders": lambda: [p for p in rep.partitions() if rep.group(p).is_leader()],
-        "load": lambda parts, seconds, command: _load(rep, parts, seconds, command),
+        "load": lambda parts, seconds, command, in_flight: _load(rep, parts, seconds, command, in_flight),
     }
-    try:
-        while True:
-            try:
-                op, args = conn.recv()
-            except EOFError:
-                break
-            if op == "exit":
-                break
-            conn.send(handlers[op](*args))
-    finally:
-        rep.close()
+    return ServedNode(rep.address, handlers, rep.close)
 
 
-class Node:
+class Node(ReplicatorProcess):
+    """A started bench node process."""
+
     def __init__(self, node_id: str, data_dir: str, config: dict[str, Any]) -> None:
-        self.node_id = node_id
-        parent, child = _CTX.Pipe()
-        self.proc = _CTX.Process(target=_serve, args=(child, node_id, data_dir, config))
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        self.address: str = parent.recv()
-
-    def rpc(self, op: str, *args: Any) -> Any:
-        self.conn.send((op, args))
-        return self.conn.recv()
-
-    def cpu_s(self) -> float:
-        """Return the process's user + system CPU seconds (from /proc)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self.conn.send(("exit", ()))
-        self.proc.join(15)
-        if self.proc.is_alive() and self.proc.pid is not None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.join(5)
+        super().__init__(node_id, data_dir, _bench_node, config)
+        self.start()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ Read path on a node, per request:
 
 Write path with replicas > 1 (`_replicated_write`): validate and check ownership exactly as
 above (bad input changes nothing), split the batch into one `Command` per partition, and
-propose each on the local Raft group if it leads it (the blocking proposals run at once on
-a thread pool); reply once every command is committed by a majority and applied here. A
+propose each on the local Raft group if it leads it (all at once, asynchronously: the
+engine batches them); reply once every command is committed by a majority and applied here. A
 partition led elsewhere refuses the request with NOT_LEADER naming the leader; a proposal
 without an outcome in time is UNAVAILABLE (it may still commit: writes are idempotent).
 
@@ -206,17 +206,12 @@ class DataService(pb_grpc.DataServicer):
             groups[part] = group
         if hints:
             raise self._not_leader(hints)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(PROPOSE_THREADS, thread_name_prefix="propose")
-        loop = asyncio.get_running_loop()
-        pool = self._pool
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(pool, groups[cmd.partition].propose, encode(cmd), PROPOSE_TIMEOUT_S)
-                for cmd in commands
-            ),
-            return_exceptions=True,
-        )
+        futures = [groups[cmd.partition].propose_async(encode(cmd), PROPOSE_TIMEOUT_S) for cmd in commands]
+        try:  # one wake-up for the whole request; the engine fails each proposal at its timeout
+            await asyncio.wait_for(asyncio.wrap_future(replication.when_all(futures)), PROPOSE_TIMEOUT_S + 5.0)
+        except TimeoutError:  # the engine itself is stuck: never hold the request forever
+            raise UnavailableError(f"node {self.state.node_id}: the replication engine did not answer, retry") from None
+        results = [f.exception() or f.result() for f in futures]
         for part, result in zip((cmd.partition for cmd in commands), results, strict=True):
             if isinstance(result, replication.NotLeaderError):
                 hints[part] = result.leader or ""

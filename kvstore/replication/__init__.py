@@ -2,23 +2,30 @@
 
 The node talks to a `Replicator` (one per process) and its `PartitionGroup`s; the state
 machine it supplies implements `StateMachine`. The only implementation today is
-`kvstore.replication.pysyncobj_engine.PySyncObjReplicator` (the one module that imports
+`kvstore.replication.pysyncobj_engine.PySyncObjReplicator` (the one package that imports
 pysyncobj); nothing here depends on it, so the engine can be replaced.
 
 Write path on the leader:
-1. `group.propose(command_bytes, timeout_s)`; a non-leader raises `NotLeaderError` with the
-   last known leader as a hint.
-2. The engine appends the entry to its durable log and ships it to the followers.
-3. Once a majority has it in their logs, it is committed; every replica calls
+1. `group.propose_async(command_bytes, timeout_s)` returns a future at once (`propose` is
+   the blocking form); a non-leader fails it with `NotLeaderError` naming the last known
+   leader. Many proposals of many groups can be in flight; `when_all` waits for a set of
+   them with one wake-up.
+2. The engine's thread takes every proposal queued since its last round: per group it
+   appends them to the log (one RocksDB write per round for all groups) and ships them to
+   each follower in one message.
+3. Once a majority has them in their logs, they are committed; every replica calls
    `StateMachine.apply(partition, command, index)` in log order, on the engine's thread.
-4. `propose` returns the leader's `apply` result.
+4. The future completes with the leader's `apply` result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import BinaryIO, NewType, Protocol
+
+from kvstore.replication.futures import when_all
 
 __all__ = [
     "FollowerProgress",
@@ -31,6 +38,7 @@ __all__ = [
     "ReplicationError",
     "Replicator",
     "StateMachine",
+    "when_all",
 ]
 
 NodeId = NewType("NodeId", str)
@@ -129,7 +137,17 @@ class PartitionGroup(Protocol):
         """Replicate `command`; return the leader's apply result once committed and applied.
 
         Raises NotLeaderError (with a hint) when this replica is not the leader,
-        ProposalTimeoutError when there is no outcome in time, ReplicationError otherwise.
+        ProposalTimeoutError when there is no outcome in time, ReplicationError otherwise;
+        ValueError for a command over the engine's size limit.
+        """
+        ...
+
+    def propose_async(self, command: bytes, timeout_s: float = 5.0) -> Future[bytes | None]:
+        """Start replicating `command`; return a future of the leader's apply result. Never blocks.
+
+        The future fails with the errors `propose` raises (ValueError included); it
+        completes on the engine's thread, so its done-callbacks must be short. Proposals
+        of one group made by one thread are committed in the order they were made.
         """
         ...
 

@@ -3,7 +3,10 @@
 Groups are ticked when something happened to them (a message arrived, a proposal was
 queued, a snapshot finished) and all of them every `tick_s`, so idle groups cost a few
 microseconds per period and a proposal is handled as soon as it is queued. Other threads
-hand work to the driver with `call`, which wakes it through a pipe.
+hand work to the driver with `call` or `call_soon`, which wake it through a pipe: at most
+one byte per round however many threads hand over work (`_wake_pending`), and everything
+handed over before a round starts is handled in that round (a burst of proposals becomes
+one tick of each group, one log write and one send per peer).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class Driver:
         self._on_flush = on_flush
         self.groups: dict[int, Tickable] = {}
         self._dirty: set[int] = set()
-        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any] | None]] = collections.deque()
+        self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -58,18 +62,26 @@ class Driver:
         self._dirty.add(partition)
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
-        """Run `fn` on the driver thread soon, without waiting; callable from any thread."""
-        self._calls.append((fn, Future()))
+        """Run `fn` on the driver thread soon, without waiting; callable from any thread.
+
+        An exception `fn` raises is logged, not propagated.
+        """
+        self._calls.append((fn, None))
         self.wake()
 
     def mark_threadsafe(self, partition: int) -> None:
         """Tick `partition` soon; callable from any thread."""
-        self._calls.append((lambda: self._dirty.add(partition), Future()))
+        if threading.current_thread() is self._thread:
+            self._dirty.add(partition)
+            return
+        self._calls.append((lambda: self._dirty.add(partition), None))
         self.wake()
 
     def wake(self) -> None:
-        if self._closed:
+        """Make the driver start a round soon; one pipe write until that round starts."""
+        if self._closed or self._wake_pending:
             return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError):  # a full pipe: the driver is awake anyway
             os.write(self._wake_w, b"w")
 
@@ -114,6 +126,8 @@ class Driver:
     def _round(self, next_tick: float) -> float:
         busy = self._dirty or self._calls
         self.poller.poll(0.0 if busy else max(0.0, next_tick - time.monotonic()))
+        # Cleared before the calls are taken: work queued after this point wakes the next round.
+        self._wake_pending = False
         self._run_calls()
         now = time.monotonic()
         if now >= next_tick:
@@ -136,6 +150,12 @@ class Driver:
     def _run_calls(self) -> None:
         while self._calls:
             fn, future = self._calls.popleft()
+            if future is None:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("raft driver call failed")
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:

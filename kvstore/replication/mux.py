@@ -10,6 +10,9 @@ Fairness: each group has its own FIFO queue per link and groups take turns, so o
 snapshot or large batch cannot delay another group's heartbeat (a group's own messages keep
 their order: pysyncobj needs that).
 
+Durability ordering: `before_write` (the Raft log's flush) runs before any byte is written
+to a socket, so no ack or vote leaves before the log changes it answers for are written.
+
 Not thread-safe: every method runs on the driver thread that owns the poller.
 """
 
@@ -133,8 +136,10 @@ class Mux:
         reconnect_s: float = 0.5,
         compress_min_bytes: int | None = None,
         socket_buffer_bytes: int = 1024 * 1024,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self._poller = poller
+        self._before_write = before_write
         self._secret = secret
         self._on_message = on_message
         self._on_link = on_link
@@ -150,6 +155,7 @@ class Mux:
         self._last_attempt: dict[str, float] = {}
         self._dirty: set[_Link] = set()
         self.blocked: set[str] = set()  # test-only: peers whose messages are dropped both ways
+        self.messages_sent = 0  # a counter for benches and tests
 
     # ---- setup ----
 
@@ -189,6 +195,7 @@ class Mux:
             payload, kind = zlib.compress(payload, 1), _MSG_Z
         link.queue(group, _HEADER.pack(len(payload), kind, group) + payload)
         self._dirty.add(link)
+        self.messages_sent += 1
         return True
 
     def flush(self) -> None:
@@ -198,6 +205,8 @@ class Mux:
             self._write(link)
 
     def _write(self, link: _Link) -> None:
+        if self._before_write is not None:
+            self._before_write()
         while True:
             if not link.out:
                 link.refill()

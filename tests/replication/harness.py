@@ -6,25 +6,21 @@ them and always stops every process (kill -9 as the last resort) in `close`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import multiprocessing as mp
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
-from multiprocessing.connection import Connection
 from typing import Any
 
+from kvstore.replication.node_process import ReplicatorProcess, ServedNode
 from tests.conftest import wait_until
 
-_CTX = mp.get_context("spawn")
 TEST_CONFIG: dict[str, Any] = {"balance_leaders": False}
 
 
-def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dict[str, Any]) -> None:
-    """Child process: run a replicator and answer requests until told to exit (or killed)."""
+def _test_node(node_id: str, data_dir: str, port: int, config: dict[str, Any]) -> ServedNode:
+    """Child process: a replicator over a `RecordingStateMachine`, with the requests tests make."""
     from kvstore.replication import NodeId
     from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
     from tests.replication.sm import RecordingStateMachine
@@ -42,7 +38,6 @@ def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dic
     )
     rep = PySyncObjReplicator(NodeId(node_id), PySyncObjConfig(data_dir=data_dir, port=port, **config), sm)
     rep.start()
-    conn.send(rep.address)
     handlers: dict[str, Callable[..., Any]] = {
         "add_group": lambda p, members: bool(rep.add_group(p, members)),
         "remove_group": lambda p: rep.remove_group(p),
@@ -63,92 +58,35 @@ def _serve(conn: Connection, node_id: str, data_dir: str, port: int, config: dic
         "serializing": lambda p: rep.group(p)._raft._SyncObj__serializer._job is not None,
         "log_entries": lambda p: rep.group(p).status().log_entries,
         "restoring": lambda p: rep.group(p)._raft._kv_restoring,
+        "propose_many": lambda items, timeout_s: _propose_many(rep, items, timeout_s),
+        "io_counts": lambda: {"log_writes": rep.log_writes(), "messages": rep._mux.messages_sent},
     }
-    try:
-        while True:
-            try:
-                op, args = conn.recv()
-            except EOFError:
-                break
-            if op == "exit":
-                break
-            try:
-                conn.send(("ok", handlers[op](*args)))
-            except Exception as exc:
-                conn.send(("err", exc))
-    finally:
+
+    def close() -> None:
         rep.close()
         sm.close()
-        with contextlib.suppress(OSError):
-            conn.send(("ok", "bye"))
+
+    return ServedNode(rep.address, handlers, close)
+
+
+def _propose_many(rep: Any, items: list[tuple[int, bytes]], timeout_s: float) -> list[Any]:
+    """Propose every (partition, command) at once with `propose_async`; return results or exceptions."""
+    from kvstore.replication import when_all
+
+    futures = [rep.group(p).propose_async(command, timeout_s) for p, command in items]
+    when_all(futures).result(timeout_s + 10)
+    return [f.exception() or f.result() for f in futures]
 
 
 class NodeError(Exception):
     """The node process answered a request with an error."""
 
 
-class NodeProc:
-    """One replicator node process."""
+class NodeProc(ReplicatorProcess):
+    """One replicator node process as tests use it (test settings, node log on disk)."""
 
     def __init__(self, node_id: str, data_dir: str, config: dict[str, Any] | None = None) -> None:
-        self.node_id = node_id
-        self.data_dir = data_dir
-        self.config = {**TEST_CONFIG, **(config or {})}
-        self.port = 0
-        self.address = ""
-        self._proc: Any = None
-        self._conn: Connection | None = None
-        os.makedirs(data_dir, exist_ok=True)
-
-    def start(self) -> None:
-        parent, child = _CTX.Pipe()
-        self._proc = _CTX.Process(target=_serve, args=(child, self.node_id, self.data_dir, self.port, self.config))
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        if not parent.poll(30):
-            self.kill()
-            raise RuntimeError(f"node {self.node_id} did not start")
-        self.address = parent.recv()
-        self.port = int(self.address.rsplit(":", 1)[1])  # a restart rebinds the same port
-
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
-
-    def rpc(self, op: str, *args: Any, timeout_s: float = 60.0) -> Any:
-        assert self._conn is not None
-        self._conn.send((op, args))
-        if not self._conn.poll(timeout_s):
-            raise TimeoutError(f"node {self.node_id}: {op} took over {timeout_s} s")
-        status, value = self._conn.recv()
-        if status == "err":
-            raise value
-        return value
-
-    def kill(self) -> None:
-        """kill -9 the process."""
-        if self._proc is not None and self._proc.is_alive():
-            os.kill(self._proc.pid, signal.SIGKILL)
-            self._proc.join(10)
-        self._close_conn()
-
-    def stop(self) -> None:
-        """Close the replicator cleanly; kill -9 if it does not exit in time."""
-        if self._proc is None:
-            return
-        if self._proc.is_alive() and self._conn is not None:
-            with contextlib.suppress(OSError, EOFError):
-                self._conn.send(("exit", ()))
-                self._conn.poll(15)
-            self._proc.join(15)
-        self.kill()
-        self._proc = None
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        super().__init__(node_id, data_dir, _test_node, {**TEST_CONFIG, **(config or {})})
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -14,8 +14,14 @@ import pysyncobj.pickle
 import pytest
 
 from kvstore.replication import NodeId
-from kvstore.replication import pysyncobj_engine as engine
-from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
+from kvstore.replication.pysyncobj_engine import (
+    ConfigError,
+    PySyncObjConfig,
+    PySyncObjReplicator,
+    journal,
+    snapshots,
+    transport,
+)
 from tests.conftest import wait_until
 from tests.replication.inproc import members_of, replicators, wait_leader
 from tests.replication.sm import RecordingStateMachine
@@ -34,8 +40,8 @@ def test_groups_use_the_rocksdb_journal(tmp_path: Any) -> None:
     with replicators(str(tmp_path), 1) as reps:
         rep, _ = reps[0]
         group = rep.add_group(0, members_of(reps))
-        assert isinstance(group._raft._SyncObj__raftLog, engine._Journal)
-        assert isinstance(group._raft._SyncObj__serializer, engine._AsyncSerializer)
+        assert isinstance(group._raft._SyncObj__raftLog, journal.GroupJournal)
+        assert isinstance(group._raft._SyncObj__serializer, snapshots.AsyncSerializer)
 
 
 def _single_node(data_dir: str, sm_dir: str, **config: Any) -> tuple[PySyncObjReplicator, RecordingStateMachine]:
@@ -57,7 +63,7 @@ def _crash_after_snapshot_before_compaction(tmp_path: Any, monkeypatch: pytest.M
             group.propose(b"a%d" % i)
         # The snapshot completes and is renamed, but compaction never runs (the crash window).
         monkeypatch.setattr(
-            engine._AsyncSerializer,
+            snapshots.AsyncSerializer,
             "checkSerializing",
             lambda self: (0, None) if self._job is None else (1, self._job_id),
         )
@@ -151,7 +157,7 @@ def test_an_unknown_peer_is_disconnected(tmp_path: Any) -> None:
 
 
 def test_secret_is_required_off_loopback(tmp_path: Any) -> None:
-    with pytest.raises(engine.ConfigError, match="secret"):
+    with pytest.raises(ConfigError, match="secret"):
         PySyncObjConfig(data_dir=str(tmp_path), bind_host="10.0.0.5").validate()
 
 
@@ -174,7 +180,7 @@ def _follower_truncations_under_load(tmp_path: Any, monkeypatch: pytest.MonkeyPa
         stop_at = time.monotonic() + seconds
 
         def run() -> None:
-            while time.monotonic() < stop_at and not (cuts and not engine.KEEP_NEXT_INDEX_ON_STALE_ACK):
+            while time.monotonic() < stop_at and not (cuts and not transport.KEEP_NEXT_INDEX_ON_STALE_ACK):
                 leader.propose(command)
 
         threads = [threading.Thread(target=run) for _ in range(4)]
@@ -188,7 +194,7 @@ def _follower_truncations_under_load(tmp_path: Any, monkeypatch: pytest.MonkeyPa
 def test_stale_acks_make_pysyncobj_followers_rewrite_acknowledged_entries(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine, "KEEP_NEXT_INDEX_ON_STALE_ACK", False)
+    monkeypatch.setattr(transport, "KEEP_NEXT_INDEX_ON_STALE_ACK", False)
     assert _follower_truncations_under_load(tmp_path, monkeypatch, 8.0) > 0
 
 
