@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -52,7 +51,6 @@ from kvstore.state import LocalMap, NodeState
 from kvstore.store import last_occurrence
 
 PROPOSE_TIMEOUT_S = 5.0
-PROPOSE_THREADS = 16
 COMMAND_BYTES = 256 * 1024
 """Target size of one replicated command (the engine caps an entry at 448 KiB)."""
 MAX_REPLICATED_RECORD_BYTES = 400 * 1024
@@ -101,12 +99,6 @@ class DataService(pb_grpc.DataServicer):
 
     def __init__(self, state: NodeState) -> None:
         self.state = state
-        self._pool: ThreadPoolExecutor | None = None
-
-    def close(self) -> None:
-        """Stop the proposal threads (after the server stopped)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- transports ----
 
@@ -345,8 +337,10 @@ class DataService(pb_grpc.DataServicer):
         """Refuse a leader read unless this node's replica leads every partition in `parts`.
 
         Raises NOT_LEADER naming each refused partition's last known leader ("" during an
-        election). `is_leader()` turns False within `leader_fallback_s` (~2 s) after a
-        leader stops hearing from a majority, so a cut-off leader stops serving these reads.
+        election, or while this leader cannot serve them yet: back off). A leader serves
+        them only once it applied its term's first entry and while a majority answered it
+        within the read lease (0.8 s, below the minimum election timeout), so a cut-off
+        leader stops before a new one can be elected.
         """
         rep = self.state.replicator
         if rep is None:
@@ -357,8 +351,8 @@ class DataService(pb_grpc.DataServicer):
                 group = rep.group(part)
             except KeyError:
                 raise UnavailableError(f"node {self.state.node_id}: partition {part} has no open group yet") from None
-            if not group.is_leader():
-                hints[part] = group.leader() or ""
+            if not group.serves_leader_reads():
+                hints[part] = "" if group.is_leader() else (group.leader() or "")
         if hints:
             raise self._not_leader(hints)
 

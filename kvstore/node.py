@@ -5,7 +5,7 @@ the map sync loop and metadata changes; gRPC's own completion-queue threads; Roc
 background threads. With `--raft-port` (clusters with replicas > 1) the Raft replicator
 starts before the node serves: its driver thread runs every partition group (and, on
 metadata members, the metadata group) and applies committed commands to the store;
-replicated writes wait for their commit on a thread pool.
+replicated writes await their commits (`propose_async`) without blocking the event loop.
 """
 
 from __future__ import annotations
@@ -144,7 +144,6 @@ async def _serve(
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=1.0)
         await peers.close()
-        data.close()
 
 
 async def _sync_loop(state: NodeState, peers: Peers, admin: AdminService, interval_s: float) -> None:

@@ -155,6 +155,15 @@ class PartitionGroup(Protocol):
         """Return whether this replica currently acts as leader (False within ~2 s of losing quorum)."""
         ...
 
+    def serves_leader_reads(self) -> bool:
+        """Return whether a read here now sees every write acknowledged before it.
+
+        True only on a leader that has applied everything committed before its term and
+        heard from a majority within a lease shorter than the minimum election timeout
+        (so, barring an asymmetric partition, no newer leader can exist yet).
+        """
+        ...
+
     def leader(self) -> NodeId | None:
         """Return the last known leader, or None."""
         ...

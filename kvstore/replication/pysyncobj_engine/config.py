@@ -35,6 +35,15 @@ class PySyncObjConfig:
     balance_leaders: bool = True
     balance_interval_s: float = 3.0
 
+    @property
+    def read_lease_s(self) -> float:
+        """How recently a majority must have answered a leader for it to serve leader reads.
+
+        Below the minimum election timeout: when a leader is cut off, its lease runs out
+        before the others can even start an election.
+        """
+        return 0.8 * self.election_timeout_s[0]
+
     def validate(self) -> None:
         """Raise ConfigError naming the setting that is out of range."""
         low, high = self.election_timeout_s

@@ -72,6 +72,21 @@ class PySyncObjGroup:
     def is_leader(self) -> bool:
         return bool(self._raft._isLeader())
 
+    def serves_leader_reads(self) -> bool:
+        raft = self._raft
+        if not raft._isLeader():
+            return False
+        noop = raft._SyncObj__noopIDx  # the no-op a new leader commits first in its term
+        if noop is None or raft.raftLastApplied < noop:
+            return False
+        others = len(raft._SyncObj__otherNodes)
+        since = time.monotonic() - self._replicator.config.read_lease_s
+        try:  # read from another thread than the driver's: a concurrent change is a miss, not an error
+            heard = sum(1 for t in list(raft._SyncObj__lastResponseTime.values()) if t > since)
+        except RuntimeError:
+            return False
+        return 1 + heard > (others + 1) / 2
+
     def leader(self) -> NodeId | None:
         node = self._raft._getLeader()
         return None if node is None else self._replicator._node_of(node.address)
