@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Literal
 
 import grpc
@@ -112,8 +113,11 @@ class NodeConnection:
         try:
             # Shielded: grpc.aio cancels the whole call when a write is cancelled, which would
             # fail every request sharing the stream (hedging cancels losing requests routinely).
-            await asyncio.shield(self._write(call, req))
-            return await asyncio.wait_for(fut, timeout_s)
+            # The write is bounded too: a stopped node stops reading, and once gRPC's flow
+            # control window is full a write waits until the node reads again.
+            deadline = time.monotonic() + timeout_s
+            await asyncio.wait_for(asyncio.shield(self._write(call, req)), timeout_s)
+            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvclient import Client, KeyStatus, UnavailableError
+from kvclient import Client, DeadlineExceededError, KeyStatus, UnavailableError
 from kvclient._ring import partitions_of
 from kvstore.launcher import ClusterError, LocalCluster
 from tests.conftest import wait_until
@@ -89,6 +89,30 @@ def test_down_node_gives_unavailable_naming_it_within_the_deadline(cluster: Loca
         np.testing.assert_array_equal(part.values[~on_n3], vectors[~on_n3])
         with pytest.raises(UnavailableError, match="n3"):
             kv.put(TABLE, np.arange(3000), vectors, deadline_s=0.5)
+
+
+def test_a_stopped_node_cannot_hold_a_call_past_its_deadline(cluster: LocalCluster) -> None:
+    """A frozen node (SIGSTOP) stops reading: writes to it fill gRPC's flow-control window."""
+    wide = np.ones((100_000, 128), dtype=np.float32)  # 51 MB a put, a third of it for n2
+    with Client(cluster.seeds) as kv:
+        vectors = _load(kv)
+        kv.create_table("wide", dim=128)
+        on_n2 = _keys_on(kv, "n2", 3000)
+        cluster.kill("n2", signal.SIGSTOP)
+        try:
+            took = []
+            for _ in range(3):  # the first put may fit the window; the next ones cannot
+                started = time.monotonic()
+                with pytest.raises((DeadlineExceededError, UnavailableError)):
+                    kv.put("wide", np.arange(len(wide)), wide, deadline_s=1.0)
+                took.append(time.monotonic() - started)
+            assert max(took) < 8.0, took  # the deadline plus generous slack, never a hang
+            # Keys on the other nodes still read at once.
+            res = kv.get(TABLE, np.arange(3000)[~on_n2], deadline_s=2.0)
+            assert res.found.all()
+            np.testing.assert_array_equal(res.values, vectors[~on_n2])
+        finally:
+            cluster.kill("n2", signal.SIGCONT)
 
 
 def test_second_cluster_up_on_a_running_folder_is_refused(cluster: LocalCluster) -> None:

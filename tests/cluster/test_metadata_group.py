@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 
 from kvclient import Client, UnavailableError
-from kvclient._aio import RetryPolicy
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.launcher import LocalCluster
 from kvstore.meta_group import META_GROUP
+from tests.cluster.replicated import PATIENT
 from tests.conftest import wait_until
 
 DIM = 4
-PATIENT = RetryPolicy(max_attempts=40, backoff_s=0.02, max_backoff_s=0.2)
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from kvclient._connection import ERROR_METADATA_KEY
 from kvclient._errors import error_from_proto
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-from kvclient._ring import partitions_of
 from kvstore.launcher import LocalCluster
-from tests.cluster.test_replication import DIM, KEYS, PARTITIONS, PATIENT, TABLE, _all_replicas_equal, _leaders
+from tests.cluster.replicated import PATIENT, ids_of_partition, partition_leaders
+from tests.cluster.test_replication import DIM, KEYS, PARTITIONS, TABLE, _all_replicas_equal
 from tests.conftest import wait_until
 
 
@@ -50,7 +50,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def cluster(shared: LocalCluster) -> LocalCluster:
-    wait_until(lambda: len(_leaders(shared)) == PARTITIONS, what="a leader for every partition")
+    wait_until(lambda: len(partition_leaders(shared)) == PARTITIONS, what="a leader for every partition")
     return shared
 
 
@@ -70,16 +70,11 @@ def _leader_read(address: str, ids: np.ndarray) -> pb.GetResponse | NotLeaderErr
             raise
 
 
-def _ids_of_partition(part: int) -> np.ndarray:
-    ids = np.arange(KEYS, dtype=np.uint64)
-    return ids[partitions_of(TABLE, ids, PARTITIONS) == part]
-
-
 def test_leader_reads_see_every_acknowledged_write(cluster: LocalCluster) -> None:
     ids = np.arange(KEYS, dtype=np.uint64)
     with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
         # A fresh client assumes replica 0 leads; where it does not, NOT_LEADER hints correct it.
-        leaders = _leaders(cluster)
+        leaders = partition_leaders(cluster)
         misplaced = [p for p, n in leaders.items() if kv.view.proto.placement[p].node_ids[0] != n]
         kv.put(TABLE, ids, np.zeros((KEYS, DIM), dtype=np.float32))
         for version in range(1, 101):
@@ -107,8 +102,8 @@ def test_leader_reads_see_every_acknowledged_write(cluster: LocalCluster) -> Non
 
 
 def test_followers_refuse_leader_reads_naming_the_leader(cluster: LocalCluster) -> None:
-    leaders = _leaders(cluster)
-    ids = _ids_of_partition(0)
+    leaders = partition_leaders(cluster)
+    ids = ids_of_partition(TABLE, KEYS, PARTITIONS, 0)
     for node in cluster.nodes:
         answer = _leader_read(node.address, ids)
         if node.node_id == leaders[0]:
@@ -149,10 +144,10 @@ def test_a_cut_off_leader_stops_serving_leader_reads(cluster: LocalCluster) -> N
     ids = np.arange(KEYS, dtype=np.uint64)
     with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
         kv.put(TABLE, ids, np.ones((KEYS, DIM), dtype=np.float32))
-    leader_id = _leaders(cluster)[0]
+    leader_id = partition_leaders(cluster)[0]
     leader = next(n for n in cluster.nodes if n.node_id == leader_id)
     others = [n for n in cluster.nodes if n is not leader]
-    mine = _ids_of_partition(0)
+    mine = ids_of_partition(TABLE, KEYS, PARTITIONS, 0)
     assert isinstance(_leader_read(leader.address, mine), pb.GetResponse)
     for node in others:  # the leader is now cut off from both peers
         cluster.kill(node.node_id, signal.SIGSTOP)
@@ -187,8 +182,8 @@ def test_leader_reads_follow_leadership_after_the_leader_dies(tmp_path: Path) ->
             kv.create_table(TABLE, dim=DIM)
             kv.put(TABLE, ids, np.ones((KEYS, DIM), dtype=np.float32))
             assert (kv.get(TABLE, ids, consistency="leader").values == 1).all()  # leaders now cached
-            wait_until(lambda: len(_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
-            leaders = _leaders(cluster)
+            wait_until(lambda: len(partition_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
+            leaders = partition_leaders(cluster)
             # A leader that is also some partition's first replica: fresh clients read from it first.
             first = {reps.node_ids[0] for reps in kv.view.proto.placement}
             victim = next(n for n in leaders.values() if n in first)

@@ -20,23 +20,20 @@ import numpy as np
 import pytest
 
 from kvclient import Client, KvError, NotLeaderError
-from kvclient._aio import RetryPolicy
-from kvclient._codec import pack_ids
 from kvclient._connection import ERROR_METADATA_KEY
 from kvclient._errors import error_from_proto
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
-from kvclient._ring import partitions_of
 from kvstore.cli import main as cli_main
 from kvstore.launcher import LocalCluster
 from kvstore.replica_ops import ReplicaOps
+from tests.cluster.replicated import PATIENT, address, ids_of_partition, partition_leaders, read_direct
 from tests.conftest import wait_until
 
 PARTITIONS = 8
 TABLE = "members"
 DIM = 4
 KEYS = 512
-PATIENT = RetryPolicy(max_attempts=40, backoff_s=0.02, max_backoff_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,7 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
         cluster.up(4, partitions=PARTITIONS, replicas=3, cache_bytes="16MiB")
         with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
             kv.create_table(TABLE, dim=DIM)
-            wait_until(lambda: len(_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
+            wait_until(lambda: len(partition_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
         yield cluster
     finally:
         cluster.down()
@@ -58,10 +55,6 @@ def cluster(shared_cluster: LocalCluster) -> LocalCluster:
 
 
 # ---- helpers ----
-
-
-def _address(cluster: LocalCluster, node_id: str) -> str:
-    return next(n.address for n in cluster.nodes if n.node_id == node_id)
 
 
 def _placement(cluster: LocalCluster) -> list[list[str]]:
@@ -77,22 +70,13 @@ def _outsider(cluster: LocalCluster, part: int) -> str:
 
 def _status(cluster: LocalCluster, node_id: str, part: int) -> pb.GroupStatus | None:
     """`node_id`'s view of `part`'s group (None: it holds no replica)."""
-    with grpc.insecure_channel(_address(cluster, node_id)) as channel:
+    with grpc.insecure_channel(address(cluster, node_id)) as channel:
         resp = pb_grpc.AdminStub(channel).GetPartitionStatus(pb.PartitionStatusRequest(), timeout=5.0)
     return next((g for g in resp.groups if g.partition == part), None)
 
 
-def _leaders(cluster: LocalCluster) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for node in cluster.nodes:
-        with grpc.insecure_channel(node.address) as channel:
-            resp = pb_grpc.AdminStub(channel).GetPartitionStatus(pb.PartitionStatusRequest(), timeout=5.0)
-        out.update({g.partition: node.node_id for g in resp.groups if g.is_leader})
-    return out
-
-
 def _leader(cluster: LocalCluster, part: int) -> str:
-    return wait_until(lambda: _leaders(cluster).get(part, ""), what=f"a leader of partition {part}")
+    return wait_until(lambda: partition_leaders(cluster).get(part, ""), what=f"a leader of partition {part}")
 
 
 def _views(cluster: LocalCluster, part: int) -> dict[str, pb.GroupStatus]:
@@ -102,7 +86,7 @@ def _views(cluster: LocalCluster, part: int) -> dict[str, pb.GroupStatus]:
 
 def _step(cluster: LocalCluster, at: str, step: str, *, rpc_timeout_s: float = 30.0, **fields: Any) -> pb.ReplicaReply:
     """Send one Replicas step to node `at`."""
-    with grpc.insecure_channel(_address(cluster, at)) as channel:
+    with grpc.insecure_channel(address(cluster, at)) as channel:
         stub = pb_grpc.ReplicasStub(channel)
         reply: pb.ReplicaReply = getattr(stub, step)(pb.ReplicaRequest(**fields), timeout=rpc_timeout_s)
         return reply
@@ -128,26 +112,12 @@ def _ops(cluster: LocalCluster, method: str, *args: Any, **kwargs: Any) -> Any:
     return asyncio.run(run())
 
 
-def _read_direct(cluster: LocalCluster, node_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with grpc.insecure_channel(_address(cluster, node_id)) as channel:
-        resp = pb_grpc.DataStub(channel).MultiGet(pb.GetRequest(table=TABLE, ids=pack_ids(ids)), timeout=5.0)
-    found = np.frombuffer(resp.found, dtype=np.bool_)
-    rows = np.zeros((len(ids), DIM), dtype=np.float32)
-    rows[found] = np.frombuffer(resp.values, dtype="<f4").reshape(-1, DIM)
-    return found, rows
-
-
-def _ids_of(part: int) -> np.ndarray:
-    ids = np.arange(KEYS, dtype=np.uint64)
-    return ids[partitions_of(TABLE, ids, PARTITIONS) == part]
-
-
 # ---- tests ----
 
 
 def test_add_transfer_remove_keeps_every_acknowledged_write(cluster: LocalCluster) -> None:
     part = 1
-    ids = _ids_of(part)
+    ids = ids_of_partition(TABLE, KEYS, PARTITIONS, part)
     assert len(ids) > 10
     expected = np.random.default_rng(1).standard_normal((len(ids), DIM)).astype(np.float32)
     with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
@@ -169,7 +139,7 @@ def test_add_transfer_remove_keeps_every_acknowledged_write(cluster: LocalCluste
         assert view is not None and new in view.members
     # The map still places the partition elsewhere: the new replica serves no data requests.
     with pytest.raises(grpc.RpcError) as info:
-        _read_direct(cluster, new, ids)
+        read_direct(cluster, new, TABLE, ids, DIM)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # Transfer to the new replica, then remove an old one (moving the leadership first if it leads).
@@ -207,7 +177,7 @@ def test_add_transfer_remove_keeps_every_acknowledged_write(cluster: LocalCluste
         what="identical applied indexes on every remaining replica",
     )
     for node_id in kept:
-        found, rows = _read_direct(cluster, node_id, ids)
+        found, rows = read_direct(cluster, node_id, TABLE, ids, DIM)
         assert found.all() and np.array_equal(rows, expected)
 
 

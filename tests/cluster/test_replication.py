@@ -20,19 +20,18 @@ import numpy as np
 import pytest
 
 from kvclient import Client, KvError
-from kvclient._aio import RetryPolicy
 from kvclient._codec import pack_ids
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvclient._ring import partitions_of
 from kvstore.launcher import LocalCluster
+from tests.cluster.replicated import PATIENT, partition_leaders, read_direct
 from tests.conftest import wait_until
 
 TABLE = "replicated"
 DIM = 4
 KEYS = 256
 PARTITIONS = 8
-PATIENT = RetryPolicy(max_attempts=40, backoff_s=0.02, max_backoff_s=0.2)
 
 
 @pytest.fixture
@@ -45,39 +44,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         cluster.down()
 
 
-def _address(cluster: LocalCluster, node_id: str) -> str:
-    return next(n.address for n in cluster.nodes if n.node_id == node_id)
-
-
-def _group_status(cluster: LocalCluster, node_id: str) -> list[pb.GroupStatus]:
-    with grpc.insecure_channel(_address(cluster, node_id)) as channel:
-        resp = pb_grpc.AdminStub(channel).GetPartitionStatus(pb.PartitionStatusRequest(), timeout=2.0)
-    return [g for g in resp.groups if g.partition < PARTITIONS]  # not the metadata group
-
-
-def _leaders(cluster: LocalCluster) -> dict[int, str]:
-    """Partition -> node that reports itself leader (only nodes that answer)."""
-    out: dict[int, str] = {}
-    for node in cluster.running():
-        try:
-            for g in _group_status(cluster, node.node_id):
-                if g.is_leader:
-                    out[g.partition] = node.node_id
-        except grpc.RpcError:
-            continue
-    return out
-
-
-def _read_direct(cluster: LocalCluster, node_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unary MultiGet to one node (no client routing): (found, rows as float32)."""
-    with grpc.insecure_channel(_address(cluster, node_id)) as channel:
-        resp = pb_grpc.DataStub(channel).MultiGet(pb.GetRequest(table=TABLE, ids=pack_ids(ids)), timeout=5.0)
-    found = np.frombuffer(resp.found, dtype=np.bool_)
-    rows = np.zeros((len(ids), DIM), dtype=np.float32)
-    rows[found] = np.frombuffer(resp.values, dtype="<f4").reshape(-1, DIM)
-    return found, rows
-
-
 def _replica_views(
     kv: Client, cluster: LocalCluster, ids: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -86,7 +52,7 @@ def _replica_views(
     out = {}
     for node in cluster.nodes:
         mine = np.array([node.node_id in kv.view.proto.placement[p].node_ids for p in parts])
-        found, rows = _read_direct(cluster, node.node_id, ids[mine])
+        found, rows = read_direct(cluster, node.node_id, TABLE, ids[mine], DIM)
         out[node.node_id] = (ids[mine], found, rows)
     return out
 
@@ -127,8 +93,8 @@ def test_every_replica_returns_the_written_data(cluster: LocalCluster) -> None:
         for _, found, _ in _replica_views(kv, cluster, ids[:8]).values():
             assert not found.any()
         # Every partition has exactly one leader among the nodes.
-        wait_until(lambda: len(_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
-        assert set(_leaders(cluster).values()) <= {"n1", "n2", "n3"}
+        wait_until(lambda: len(partition_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
+        assert set(partition_leaders(cluster).values()) <= {"n1", "n2", "n3"}
         # Bad input is refused before anything is proposed, by leaders and followers alike.
         for node in cluster.nodes:
             bad = pb.PutRequest(table=TABLE, ids=pack_ids(ids[:2]), values=b"\0" * 5, dtype=pb.FLOAT32)
@@ -195,7 +161,7 @@ def _versions(kv: Client, cluster: LocalCluster, node_ids: list[str]) -> dict[st
     ids = np.arange(KEYS, dtype=np.uint64)
     out = {}
     for node_id in node_ids:
-        found, rows = _read_direct(cluster, node_id, ids)
+        found, rows = read_direct(cluster, node_id, TABLE, ids, DIM)
         out[node_id] = np.where(found, rows[:, 0], -1.0)
     return out
 
@@ -211,7 +177,7 @@ def test_leader_kill_during_writes_loses_nothing_acknowledged(cluster: LocalClus
         reader.start()
         try:
             wait_until(lambda: len(writer.acked) >= 20 and reader.reads >= 20, what="writes and reads to flow")
-            victim: str = wait_until(lambda: _leaders(cluster).get(0, ""), what="a leader for partition 0")
+            victim: str = wait_until(lambda: partition_leaders(cluster).get(0, ""), what="a leader for partition 0")
             killed_at = time.monotonic()
             cluster.kill(victim, signal.SIGKILL)
             wait_until(lambda: victim not in [n.node_id for n in cluster.running()], what="the leader to die")
@@ -292,7 +258,7 @@ def test_cli_status_shows_leaders_and_lag(cluster: LocalCluster) -> None:
     with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
         kv.create_table(TABLE, dim=DIM)
         kv.put(TABLE, np.arange(KEYS), np.ones((KEYS, DIM), dtype=np.float32))
-    wait_until(lambda: len(_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
+    wait_until(lambda: len(partition_leaders(cluster)) == PARTITIONS, what="a leader for every partition")
     doc = json.loads(kvstore("status", "--json", "--dir", cluster.root).stdout)
     parts = doc["partition_status"]
     assert len(parts) == PARTITIONS
