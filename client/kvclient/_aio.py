@@ -281,9 +281,10 @@ class AsyncClient(ReplicaReads):
         return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
 
     async def _admin(self, call: Callable[[NodeConnection], Awaitable[pb.ClusterMap]]) -> None:
-        """Run a metadata change on the metadata node, falling back to any other node."""
+        """Run a metadata change on a metadata holder (one hop less), falling back to any other node."""
         view = self.view if self._view else await self.refresh_map()
-        order = sorted(view.node_ids, key=lambda n: n != view.proto.meta_node_id)
+        holders = set(view.proto.meta_node_ids) or {view.proto.meta_node_id}
+        order = sorted(view.node_ids, key=lambda n: n not in holders)
         last: KvError | None = None
         for node_id in order:
             conn = self._connection(node_id, view.addresses[node_id])
