@@ -64,7 +64,7 @@ class AdminService(pb_grpc.AdminServicer):
         return local.view.proto if local else pb.ClusterMap()
 
     async def PushClusterMap(self, request: pb.ClusterMap, context: grpc.aio.ServicerContext) -> pb.PushAck:  # noqa: N802
-        self.state.apply_map(request)
+        await self.state.adopt(request)
         return pb.PushAck(epoch=self.state.epoch)
 
     async def Bootstrap(self, request: pb.BootstrapRequest, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
@@ -83,7 +83,7 @@ class AdminService(pb_grpc.AdminServicer):
         if self.state.node_id not in {n.node_id for n in request.nodes}:
             raise ClientError(f"nodes: bootstrap list must include this node {self.state.node_id!r}", field="nodes")
         cmap = metadata.bootstrap(list(request.nodes), request.partitions, request.replicas, request.cluster_id)
-        self.state.apply_map(cmap)
+        await self.state.adopt(cmap)
         await self.peers.push(cmap, self.state.node_id)
         return cmap
 
@@ -133,12 +133,17 @@ class AdminService(pb_grpc.AdminServicer):
         rep = self.state.replicator
         if rep is None:
             return out
-        for part in rep.partitions():
-            try:
-                st = rep.group(part).status()
-            except KeyError:  # closed meanwhile
-                continue
-            out.groups.append(group_status_to_proto(st))
+
+        def statuses() -> list[replication.GroupStatus]:  # each waits for the Raft driver thread
+            found = []
+            for part in rep.partitions():
+                try:
+                    found.append(rep.group(part).status())
+                except KeyError:  # closed meanwhile
+                    continue
+            return found
+
+        out.groups.extend(group_status_to_proto(st) for st in await asyncio.to_thread(statuses))
         return out
 
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:
@@ -158,7 +163,7 @@ class AdminService(pb_grpc.AdminServicer):
             return await self._forward(forward, meta_id, hops)
         async with self._meta_lock:
             cmap = change(self.state.current().view.proto)
-            if self.state.apply_map(cmap):
+            if await self.state.adopt(cmap):
                 await self.peers.push(cmap, self.state.node_id)
             return cmap
 
@@ -168,7 +173,7 @@ class AdminService(pb_grpc.AdminServicer):
             cmap = await forward(self.peers.admin(address), ((HOPS_KEY, str(hops + 1)),))
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, f"{node_id} at {address}") from None
-        self.state.apply_map(cmap)
+        await self.state.adopt(cmap)
         return cmap
 
     async def _replicated_change(self, change: Change, forward: Forward, hops: int) -> pb.ClusterMap:
@@ -218,8 +223,15 @@ class AdminService(pb_grpc.AdminServicer):
                 cmap = change(base)
                 if cmap is base:
                     return base
+                command = encode_change(base.epoch, cmap)
                 try:
-                    result = await asyncio.to_thread(group.propose, encode_change(base.epoch, cmap), PROPOSE_TIMEOUT_S)
+                    result = await asyncio.wrap_future(group.propose_async(command, PROPOSE_TIMEOUT_S))
+                except ValueError:  # larger than one Raft entry
+                    raise ClientError(
+                        f"table: the cluster map would be {len(command)} bytes, more than one metadata entry holds"
+                        " (drop tables or use smaller default vectors)",
+                        field="table",
+                    ) from None
                 except replication.ProposalTimeoutError:
                     raise UnavailableError(
                         f"node {self.state.node_id}: metadata change not committed in time (it may still be)"
@@ -229,7 +241,7 @@ class AdminService(pb_grpc.AdminServicer):
                 except replication.ReplicationError as err:
                     raise UnavailableError(f"node {self.state.node_id}: metadata change failed: {err}") from None
                 if result == OK:
-                    self.state.apply_map(cmap)
+                    await self.state.adopt(cmap)
                     await self.peers.push(cmap, self.state.node_id)
                     return cmap
             raise UnavailableError(f"node {self.state.node_id}: metadata change kept racing other changes, retry")

@@ -54,6 +54,11 @@ def bootstrap(nodes: Sequence[pb.NodeInfo], partitions: int, replicas: int, clus
     )
 
 
+def raft_addresses(cmap: pb.ClusterMap) -> dict[str, str]:
+    """Return node id -> Raft address of every node that has one."""
+    return {n.node_id: n.raft_address for n in cmap.nodes if n.raft_address}
+
+
 def _next(cmap: pb.ClusterMap) -> pb.ClusterMap:
     out = pb.ClusterMap()
     out.CopyFrom(cmap)

@@ -62,7 +62,7 @@ class Peers:
         except grpc.aio.AioRpcError as err:
             log.debug("map sync failed node=%s meta=%s code=%s", state.node_id, address, err.code().name)
             return
-        state.apply_map(cmap)
+        await state.adopt(cmap)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

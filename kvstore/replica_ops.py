@@ -26,6 +26,7 @@ from kvclient._errors import ClientError, NotLeaderError, UnavailableError
 from kvclient._limits import GRPC_CHANNEL_OPTIONS
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.metadata import raft_addresses
 
 __all__ = ["ReplicaOps", "describe"]
 
@@ -69,7 +70,7 @@ class ReplicaOps:
         deadline = time.monotonic() + self.deadline_s
         leader, statuses = await self.find_leader(partition, deadline)
         members = list(dict.fromkeys([*statuses[leader].members, node_id]))
-        raft = _raft_addresses(view)
+        raft = raft_addresses(view.proto)
         open_req = pb.ReplicaRequest(
             partition=partition,
             node_id=node_id,
@@ -239,10 +240,6 @@ def _request(partition: int, node_id: str, deadline: float, *, max_lag: int = 0)
 
 def _remaining_ms(deadline: float) -> int:
     return max(1000, min(MAX_STEP_TIMEOUT_MS, int((deadline - time.monotonic()) * 1000)))
-
-
-def _raft_addresses(view: ClusterView) -> dict[str, str]:
-    return {n.node_id: n.raft_address for n in view.proto.nodes if n.raft_address}
 
 
 def describe(status: pb.GroupStatus) -> dict[str, Any]:

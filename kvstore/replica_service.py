@@ -29,6 +29,7 @@ from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore import replication
 from kvstore.data_service import abort_with
+from kvstore.metadata import raft_addresses
 from kvstore.replication import GroupStatus, NodeId, PartitionGroup, Replicator
 from kvstore.state import LocalMap, NodeState
 
@@ -115,37 +116,37 @@ class ReplicasService(pb_grpc.ReplicasServicer):
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else DEFAULT_TIMEOUT_S[step]
         part, node = int(req.partition), NodeId(req.node_id)
         if step == "WaitCaughtUp":  # reads progress only: may run beside a change
-            group = self._leader_group(rep, part, member=node)
+            group = await self._leader_group(rep, part, member=node)
             lag = int(req.max_lag)
             await self._engine(part, lambda: group.wait_caught_up(node, timeout_s, lag), claimed=False)
-            return self._reply(group)
+            return await self._reply(group)
         with self._exclusive(part, f"{step} of {req.node_id or 'the best follower'}"):
             if step == "OpenReplica":
                 return await self._open(local, rep, req)
             if step == "CloseReplica":
                 return await self._close(rep, part)
             if step == "AddReplica":
-                group = self._leader_group(rep, part)
-                address = _raft_addresses(local)[req.node_id]
+                group = await self._leader_group(rep, part)
+                address = raft_addresses(local.view.proto)[req.node_id]
                 await self._engine(part, lambda: group.add_member(node, address, timeout_s))
             elif step == "TransferLeader":
-                group = self._leader_group(rep, part, member=node or None)
+                group = await self._leader_group(rep, part, member=node or None)
                 if node != self.state.node_id:  # a target that leads already: nothing to do
                     await self._engine(part, lambda: group.transfer_leadership(node or None, timeout_s))
             else:  # RemoveReplica; removing a non-member is a no-op (a retry after an unknown outcome)
-                group = self._leader_group(rep, part)
+                group = await self._leader_group(rep, part)
                 await self._engine(part, lambda: group.remove_member(node, timeout_s))
             log.info("replica step done step=%s partition=%d node=%s", step, part, req.node_id)
-            return self._reply(group)
+            return await self._reply(group)
 
     async def _open(self, local: LocalMap, rep: Replicator, req: pb.ReplicaRequest) -> pb.ReplicaReply:
-        raft = _raft_addresses(local)
+        raft = raft_addresses(local.view.proto)
         members = {NodeId(m.node_id): m.raft_address or raft[m.node_id] for m in req.members}
         members[NodeId(self.state.node_id)] = rep.address  # our own address as bound
         part = int(req.partition)
         group = await self._engine(part, lambda: rep.add_group(part, members))
         log.info("replica opened partition=%d members=%s", part, sorted(members))
-        return self._reply(group)
+        return await self._reply(group)
 
     async def _close(self, rep: Replicator, part: int) -> pb.ReplicaReply:
         try:
@@ -184,7 +185,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
             raise ClientError(f"max_lag: {req.max_lag}: only WaitCaughtUp takes it, up to {MAX_LAG}", field="max_lag")
         if req.members and step != "OpenReplica":
             raise ClientError(f"members: {step} takes no members (only OpenReplica does)", field="members")
-        raft = _raft_addresses(local)
+        raft = raft_addresses(local.view.proto)
         if step in ("OpenReplica", "CloseReplica"):
             if req.node_id not in ("", self.state.node_id):
                 raise ClientError(
@@ -203,7 +204,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
             _check_members(local, raft, req.members, self.state.node_id)
         return local, rep
 
-    def _leader_group(self, rep: Replicator, part: int, member: NodeId | None = None) -> PartitionGroup:
+    async def _leader_group(self, rep: Replicator, part: int, member: NodeId | None = None) -> PartitionGroup:
         """Return the local replica of `part` if it leads (and has `member`); else raise."""
         try:
             group = rep.group(part)
@@ -212,7 +213,7 @@ class ReplicasService(pb_grpc.ReplicasServicer):
                 f"partition: node {self.state.node_id} holds no replica of partition {part}", field="partition"
             ) from None
         if member is not None:
-            members = group.status().members
+            members = (await asyncio.to_thread(group.status)).members
             if member not in members:
                 raise ClientError(
                     f"node_id: {member} is not a member of partition {part} (members: {', '.join(members)})",
@@ -263,8 +264,9 @@ class ReplicasService(pb_grpc.ReplicasServicer):
         except (replication.ReplicationError, ValueError, RuntimeError) as err:
             raise ServerError(f"node {self.state.node_id}: partition {part}: {err!r}") from None
 
-    def _reply(self, group: PartitionGroup) -> pb.ReplicaReply:
-        return pb.ReplicaReply(status=group_status_to_proto(group.status()))
+    async def _reply(self, group: PartitionGroup) -> pb.ReplicaReply:
+        # status() waits for the Raft driver thread: never on the event loop.
+        return pb.ReplicaReply(status=group_status_to_proto(await asyncio.to_thread(group.status)))
 
 
 def _retrieve(done: asyncio.Future[Any]) -> None:
@@ -278,10 +280,6 @@ def _not_leader(node_id: str, part: int, leader: str | None) -> NotLeaderError:
         field="partition",
         leaders={part: leader or ""},
     )
-
-
-def _raft_addresses(local: LocalMap) -> dict[str, str]:
-    return {n.node_id: n.raft_address for n in local.view.proto.nodes if n.raft_address}
 
 
 def _check_node(local: LocalMap, raft: dict[str, str], node_id: str, field: str) -> None:

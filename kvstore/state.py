@@ -8,6 +8,7 @@ opens the local replica (Raft group) of every partition the map places here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from kvclient._errors import RoutingError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.config import NodeConfig
 from kvstore.meta_group import META_GROUP, MetaStateMachine
+from kvstore.metadata import raft_addresses
 from kvstore.replication import NodeId, Replicator
 from kvstore.store import Store
 
@@ -101,6 +103,14 @@ class NodeState:
             raise UnavailableError(f"node {self.node_id} has not joined a cluster yet")
         return local
 
+    async def adopt(self, cmap: pb.ClusterMap) -> bool:
+        """`apply_map` from the event loop, on a worker thread.
+
+        It fsyncs, may open Raft groups, and may wait for the metadata group's adopter
+        thread to release the lock: none of that may stall the requests on the loop.
+        """
+        return await asyncio.to_thread(self.apply_map, cmap)
+
     def apply_map(self, cmap: pb.ClusterMap) -> bool:
         """Persist and adopt `cmap` if it is newer; return whether it was adopted."""
         with self._lock:
@@ -129,7 +139,7 @@ class NodeState:
                 "map has replicas=%d but node %s runs without --raft-port", local.view.proto.replicas, self.node_id
             )
             return
-        raft = {n.node_id: n.raft_address for n in local.view.proto.nodes if n.raft_address}
+        raft = raft_addresses(local.view.proto)
         learn = getattr(rep, "learn_addresses", None)
         if learn is not None:
             learn({NodeId(n): a for n, a in raft.items()})

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvclient._codec import NUMPY_DTYPES
+from kvclient._errors import UnknownTableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.engine import Engine
 from kvstore.lru import RecordCache, VectorCache
@@ -125,6 +126,19 @@ class Store:
         with self._lock:
             return sum(c.size_bytes for c in self._vectors.values()) + sum(c.size_bytes for c in self._records.values())
 
+    def _vector_cache(self, table: pb.TableSchema) -> VectorCache:
+        """The table's cache (lock held); a table dropped by a map adopted meanwhile is unknown."""
+        cache = self._vectors.get(table.table_id)
+        if cache is None:
+            raise UnknownTableError(f"table {table.name!r} was dropped", field="table")
+        return cache
+
+    def _record_cache(self, table: pb.TableSchema) -> RecordCache:
+        cache = self._records.get(table.table_id)
+        if cache is None:
+            raise UnknownTableError(f"table {table.name!r} was dropped", field="table")
+        return cache
+
     # ---- reads ----
 
     def get_vectors(
@@ -132,7 +146,7 @@ class Store:
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint8]]:
         """Return (found mask, stored-dtype rows of the found ids as uint8 bytes, in order)."""
         with self._lock:
-            cache = self._vectors[table.table_id]
+            cache = self._vector_cache(table)
             slots = cache.lookup(ids)
             found = slots >= 0
             misses = np.flatnonzero(~found)
@@ -171,7 +185,7 @@ class Store:
     ) -> tuple[npt.NDArray[np.bool_], list[bytes]]:
         """Return (found mask, msgpack records of the found ids, in order)."""
         with self._lock:
-            cache = self._records[table.table_id]
+            cache = self._record_cache(table)
             values = cache.get_many(ids)
             misses = np.array([i for i, v in enumerate(values) if v is None], dtype=np.intp)
             self._count_reads(len(ids), len(misses))
@@ -207,8 +221,9 @@ class Store:
         width = raw.shape[1]
         values = [payload[i : i + width] for i in range(0, len(payload), width)]
         with self._lock:
+            cache = self._vector_cache(table)
             self._write_locked(table, ids, parts, values)
-            self._vectors[table.table_id].insert(ids, raw)
+            cache.insert(ids, raw)
         return len(keep)
 
     def put_records(
@@ -218,19 +233,18 @@ class Store:
         keep = last_occurrence(ids)
         values = [records[i] for i in keep]
         with self._lock:
+            cache = self._record_cache(table)
             self._write_locked(table, ids[keep], parts[keep], values)
-            self._records[table.table_id].insert(ids[keep], values)
+            cache.insert(ids[keep], values)
         return len(keep)
 
     def delete(self, table: pb.TableSchema, ids: npt.NDArray[np.uint64], parts: npt.NDArray[np.intp]) -> int:
         """Delete ids (absent ones are fine); return how many distinct ids were deleted."""
         keep = last_occurrence(ids)
         with self._lock:
+            cache = self._record_cache(table) if table.kind == pb.FEATURES else self._vector_cache(table)
             self._write_locked(table, ids[keep], parts[keep], [None] * len(keep))
-            if table.kind == pb.FEATURES:
-                self._records[table.table_id].discard(ids[keep])
-            else:
-                self._vectors[table.table_id].discard(ids[keep])
+            cache.discard(ids[keep])
         return len(keep)
 
     def _write_locked(

@@ -116,9 +116,12 @@ class NodeConnection:
             # The write is bounded too: a stopped node stops reading, and once gRPC's flow
             # control window is full a write waits until the node reads again.
             deadline = time.monotonic() + timeout_s
-            await asyncio.wait_for(asyncio.shield(self._write(call, req)), timeout_s)
+            write = self._write(call, req)
+            await asyncio.wait_for(asyncio.shield(write), timeout_s)
             return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
+            if not write.done():  # the node stopped reading: later writes would queue behind this one
+                call.cancel()  # the reader then fails every request of this stream; the next one opens a new stream
             raise DeadlineExceededError(f"node {self.label}: no reply within {timeout_s * 1000:.0f} ms") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             if fut.done():  # the reader saw the stream fail and set the reason

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kvclient import Client, UnavailableError
+from kvclient import Client, ClientError, UnavailableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.launcher import LocalCluster
@@ -96,6 +96,16 @@ def test_members_and_forwarding(cluster: LocalCluster) -> None:
     assert set(names) <= {t.name for t in final.tables}
     ids = [t.table_id for t in final.tables]
     assert len(ids) == len(set(ids))
+    # A map too large for one Raft entry (448 KiB) is refused as the caller's error, and changes nothing.
+    with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT) as kv:
+        with pytest.raises(ClientError, match="more than one metadata entry holds") as info:
+            for i in range(10):  # 64 KiB of default vector each
+                kv.create_table(f"wide{i}", dim=16384, default=np.full(16384, 0.5, dtype=np.float32))
+        assert info.value.field == "table"
+        created = {t.name for t in kv.list_tables()}
+        epoch = kv.refresh_map().epoch
+    assert f"wide{i}" not in created and "wide0" in created
+    assert _map_of(cluster, "n4").epoch == epoch
 
 
 def test_a_table_survives_the_loss_of_the_metadata_leader(cluster: LocalCluster) -> None:

@@ -85,8 +85,6 @@ def test_members_seeded_at_different_points_end_alike(log: list[tuple[int, str]]
     for index, command in enumerate(commands, 1):
         late.apply(0, command, index)
     assert late.map == from_genesis.map
-    epochs = [m.epoch for m in committed]
-    assert epochs == list(range(1, len(committed) + 1))  # one map per epoch, no gaps
     from_genesis.close()
     late.close()
 

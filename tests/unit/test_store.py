@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvclient._codec import NUMPY_DTYPES
+from kvclient._errors import UnknownTableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvclient._ring import partitions_of
 from kvstore.engine import Engine, MemEngine
@@ -282,3 +283,25 @@ def test_encode_keys_sorts_by_table_then_id() -> None:
     assert [int.from_bytes(k[:4], "big") for k in keys] == [7] * 4
     assert [int.from_bytes(k[4:], "big") for k in keys] == ids.tolist()
     assert sorted(keys) == [keys[i] for i in np.argsort(ids)]
+
+
+def test_requests_routed_before_a_drop_get_unknown_table_and_write_nothing(engine: Engine) -> None:
+    """A map adopted on another thread can drop a table between a request's routing and its store call."""
+    vectors, records = embedding("v", 1, 4, pb.FLOAT32), features("f", 2)
+    store = Store(engine, 1 << 20)
+    store.set_tables([vectors, records])
+    store.set_tables([])
+    ids = u64([1, 2, 3])
+    calls = [
+        lambda: store.get_vectors(vectors, ids, parts_of(vectors, ids)),
+        lambda: store.get_records(records, ids, parts_of(records, ids)),
+        lambda: store.put_vectors(vectors, ids, parts_of(vectors, ids), make_rows(vectors, [1, 2, 3])),
+        lambda: store.put_records(records, ids, parts_of(records, ids), [msgpack.packb({"i": 1})] * 3),
+        lambda: store.delete(vectors, ids, parts_of(vectors, ids)),
+    ]
+    for call in calls:
+        with pytest.raises(UnknownTableError, match="dropped"):
+            call()
+    for partition in engine.partitions():
+        assert engine.multi_get(partition, encode_keys(1, ids)) == [None] * 3
+        assert engine.multi_get(partition, encode_keys(2, ids)) == [None] * 3
