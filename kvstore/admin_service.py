@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 Change = Callable[[pb.ClusterMap], pb.ClusterMap]
 Metadata = tuple[tuple[str, str], ...]
-Forward = Callable[[pb_grpc.AdminStub, Metadata], Awaitable[pb.ClusterMap]]
+Forward = Callable[[pb_grpc.AdminStub, Metadata, float], Awaitable[pb.ClusterMap]]
 
 HOPS_KEY = "kv-meta-hops"
 """Request metadata: how many nodes forwarded this change already (at most MAX_HOPS)."""
@@ -91,21 +91,21 @@ class AdminService(pb_grpc.AdminServicer):
         return await self._guarded(
             context,
             lambda cmap: metadata.create_table(cmap, request.schema, request.if_not_exists),
-            lambda stub, md: stub.CreateTable(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
+            lambda stub, md, timeout: stub.CreateTable(request, timeout=timeout, metadata=md),
         )
 
     async def DropTable(self, request: pb.DropTableRequest, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
         return await self._guarded(
             context,
             lambda cmap: metadata.drop_table(cmap, request.name),
-            lambda stub, md: stub.DropTable(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
+            lambda stub, md, timeout: stub.DropTable(request, timeout=timeout, metadata=md),
         )
 
     async def RegisterNode(self, request: pb.NodeInfo, context: grpc.aio.ServicerContext) -> pb.ClusterMap:  # noqa: N802
         return await self._guarded(
             context,
             lambda cmap: metadata.register_node(cmap, request),
-            lambda stub, md: stub.RegisterNode(request, timeout=CHANGE_TIMEOUT_S, metadata=md),
+            lambda stub, md, timeout: stub.RegisterNode(request, timeout=timeout, metadata=md),
         )
 
     async def GetNodeStats(self, request: pb.NodeStatsRequest, context: grpc.aio.ServicerContext) -> pb.NodeStats:  # noqa: N802
@@ -148,47 +148,56 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:
         try:
-            return await self.change(change, forward, _hops(context))
+            remaining = context.time_remaining()
+            budget = CHANGE_TIMEOUT_S if remaining is None else min(CHANGE_TIMEOUT_S, remaining - 0.05)
+            return await self.change(change, forward, _hops(context), time.monotonic() + budget)
         except KvError as err:
             await abort_with(context, err)
             raise
 
-    async def change(self, change: Change, forward: Forward, hops: int = 0) -> pb.ClusterMap:
-        """Apply a metadata change where metadata lives, or forward it there; return the new map."""
+    async def change(
+        self, change: Change, forward: Forward, hops: int = 0, deadline: float | None = None
+    ) -> pb.ClusterMap:
+        """Apply a metadata change where metadata lives, or forward it there; return the new map.
+
+        Gives up at `deadline` (the caller's, at most CHANGE_TIMEOUT_S away), so that a change
+        does not commit long after its caller stopped waiting for it.
+        """
+        deadline = deadline or time.monotonic() + CHANGE_TIMEOUT_S
         local = self.state.current()
         if local.meta_members:
-            return await self._replicated_change(change, forward, hops)
+            return await self._replicated_change(change, forward, hops, deadline)
         meta_id = local.view.proto.meta_node_id
         if meta_id != self.state.node_id:
-            return await self._forward(forward, meta_id, hops)
+            return await self._forward(forward, meta_id, hops, deadline)
         async with self._meta_lock:
             cmap = change(self.state.current().view.proto)
             if await self.state.adopt(cmap):
                 await self.peers.push(cmap, self.state.node_id)
             return cmap
 
-    async def _forward(self, forward: Forward, node_id: str, hops: int) -> pb.ClusterMap:
+    async def _forward(self, forward: Forward, node_id: str, hops: int, deadline: float) -> pb.ClusterMap:
         address = self.state.current().view.addresses[node_id]
         try:
-            cmap = await forward(self.peers.admin(address), ((HOPS_KEY, str(hops + 1)),))
+            timeout = max(0.01, deadline - time.monotonic())
+            cmap = await forward(self.peers.admin(address), ((HOPS_KEY, str(hops + 1)),), timeout)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, f"{node_id} at {address}") from None
         await self.state.adopt(cmap)
         return cmap
 
-    async def _replicated_change(self, change: Change, forward: Forward, hops: int) -> pb.ClusterMap:
+    async def _replicated_change(self, change: Change, forward: Forward, hops: int, deadline: float) -> pb.ClusterMap:
         """Commit on the metadata leader; the node a change first reached retries until one is found."""
-        deadline = time.monotonic() + CHANGE_TIMEOUT_S
         delay = 0.05
         while True:
             group = self._meta_group()
             try:
                 if group is not None and group.is_leader():
-                    return await self._commit(change, group)
+                    return await self._commit(change, group, deadline)
                 target = self._meta_target(group)
                 if target is None or hops >= MAX_HOPS:
                     raise UnavailableError(f"node {self.state.node_id}: no metadata leader known, retry")
-                return await self._forward(forward, target, hops)
+                return await self._forward(forward, target, hops, deadline)
             except (UnavailableError, replication.NotLeaderError) as err:
                 if hops or time.monotonic() + delay > deadline:
                     if isinstance(err, UnavailableError):
@@ -214,7 +223,7 @@ class AdminService(pb_grpc.AdminServicer):
         self._next_member += 1
         return others[self._next_member % len(others)]
 
-    async def _commit(self, change: Change, group: PartitionGroup) -> pb.ClusterMap:
+    async def _commit(self, change: Change, group: PartitionGroup, deadline: float) -> pb.ClusterMap:
         """Propose the change on the committed map; recompute when a racing change landed first."""
         async with self._meta_lock:
             for _ in range(CAS_ATTEMPTS):
@@ -225,7 +234,8 @@ class AdminService(pb_grpc.AdminServicer):
                     return base
                 command = encode_change(base.epoch, cmap)
                 try:
-                    result = await asyncio.wrap_future(group.propose_async(command, PROPOSE_TIMEOUT_S))
+                    timeout = max(0.01, min(PROPOSE_TIMEOUT_S, deadline - time.monotonic()))
+                    result = await asyncio.wrap_future(group.propose_async(command, timeout))
                 except ValueError:  # larger than one Raft entry
                     raise ClientError(
                         f"table: the cluster map would be {len(command)} bytes, more than one metadata entry holds"
@@ -258,7 +268,7 @@ class AdminService(pb_grpc.AdminServicer):
         try:
             await self.change(
                 lambda cmap: metadata.register_node(cmap, me),
-                lambda stub, md: stub.RegisterNode(me, timeout=CHANGE_TIMEOUT_S, metadata=md),
+                lambda stub, md, timeout: stub.RegisterNode(me, timeout=timeout, metadata=md),
             )
         except KvError as err:
             log.warning("register failed node=%s error=%s", self.state.node_id, err)
