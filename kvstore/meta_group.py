@@ -40,6 +40,7 @@ STALE = b"stale"
 
 _VERSION = 1
 _HEADER = struct.Struct("<BQ")  # version, base epoch
+_INDEX = struct.Struct("<Q")  # a snapshot's applied index, before the map
 
 
 def meta_members(node_ids: list[str]) -> list[str]:
@@ -112,11 +113,14 @@ class MetaStateMachine:
     def snapshot(self, partition: int, out: BinaryIO) -> int:
         with self._lock:
             cmap, index = self._map, self._applied
-        out.write((cmap or pb.ClusterMap()).SerializeToString())
+        out.write(_INDEX.pack(index) + (cmap or pb.ClusterMap()).SerializeToString())
         return index
 
     def restore(self, partition: int, inp: BinaryIO) -> None:
+        (index,) = _INDEX.unpack(inp.read(_INDEX.size))
         cmap = pb.ClusterMap.FromString(inp.read())
+        with self._lock:
+            self._applied = max(self._applied, index)
         if cmap.epoch:
             self.seed(cmap)
             self._adopt(cmap)

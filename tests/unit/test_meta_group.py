@@ -108,6 +108,7 @@ def test_snapshot_restores_the_map_and_adopts_it() -> None:
     other.seed(cmap(1))
     other.restore(0, io.BytesIO(buf.getvalue()))
     assert other.map == cmap(2)
+    assert other.applied_index(0) == 7  # a later snapshot of this member records the index it holds
     assert done.wait(5)
     other.close()
     assert adopted == [2]
