@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench.scratch import scratch_cluster
 from kvclient import AsyncClient
 from kvclient._batch import KeyStatus, VectorMerge, choose_replicas, dedupe, group_by_node
 from kvclient._codec import NUMPY_DTYPES, as_ids, default_row, pack_ids
@@ -59,7 +60,7 @@ from kvclient._results import GetResult
 from kvclient._ring import partitions_of
 from kvstore.config import NodeConfig
 from kvstore.data_service import DataService
-from kvstore.launcher import MALLOC_ENV, LocalCluster
+from kvstore.launcher import MALLOC_ENV
 from kvstore.rocks_engine import RocksEngine
 from kvstore.state import NodeState
 from kvstore.store import Store
@@ -857,11 +858,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_malloc_env(not args.no_malloc_env)
-    root = args.dir or tempfile.mkdtemp(prefix="kvstore-bench-profile-")
-    cluster = LocalCluster.open(root)
-    started = time.monotonic()
-    try:
-        print(f"starting {args.nodes} node(s) under {root} ...", flush=True)
+    with scratch_cluster("kvstore-bench-profile-", args.dir) as cluster:
+        started = time.monotonic()
+        print(f"starting {args.nodes} node(s) under {cluster.root} ...", flush=True)
         seeds = cluster.up(args.nodes)
         pids = [n.pid for n in cluster.nodes]
         result = asyncio.run(run(args, seeds, pids))
@@ -873,11 +872,6 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1, default=str)
             print(f"\nJSON written to {args.out}")
-    finally:
-        stopped = cluster.down()
-        print(f"cluster stopped ({', '.join(stopped) or 'nothing running'})", flush=True)
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

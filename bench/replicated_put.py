@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
+from bench.scratch import scratch_cluster
 from kvclient import AsyncClient
-from kvstore.launcher import LocalCluster
 
 
 def main() -> int:
@@ -35,14 +33,9 @@ def main() -> int:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     writers = [int(w) for w in args.writers.split(",")]
-    root = tempfile.mkdtemp(prefix="kvstore-replput-")
-    cluster = LocalCluster.open(root)
-    try:
+    with scratch_cluster("kvstore-replput-") as cluster:
         seeds = cluster.up(3, replicas=args.replicas)
         asyncio.run(_bench(seeds, batches, writers, args.keys, args.dim))
-    finally:
-        cluster.down()
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -35,9 +35,7 @@ import json
 import os
 import platform
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,9 +46,10 @@ import numpy as np
 import numpy.typing as npt
 from hdrh.histogram import HdrHistogram
 
+from bench.scratch import scratch_cluster
 from kvclient import AsyncClient, Client
 from kvclient._connection import Transport
-from kvstore.launcher import MALLOC_ENV, LocalCluster
+from kvstore.launcher import MALLOC_ENV
 
 TABLE = "bench_transport"
 TRANSPORTS: tuple[Transport, ...] = ("unary", "stream")
@@ -353,81 +352,76 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_malloc_env(not args.no_malloc_env)
-    root = args.dir or tempfile.mkdtemp(prefix="kvstore-bench-transport-")
-    cluster = LocalCluster.open(root)
-    loop = asyncio.new_event_loop()
-    sync: dict[str, Client] = {}
-    aio: dict[str, AsyncClient] = {}
-    started = time.monotonic()
-    try:
-        print(f"starting {args.nodes} node(s) under {root} ...", flush=True)
-        seeds = cluster.up(args.nodes)
-        pids = [n.pid for n in cluster.nodes]
-        print(f"serving at {','.join(seeds)} (pids {pids})", flush=True)
-        for t in TRANSPORTS:
-            sync[t] = Client(seeds, deadline_s=10.0, transport=t)
-            sync[t].connect()
-        vectors, load_s = load(sync["stream"], args.keys, args.dim)
-        print(f"loaded {args.keys:,} keys x {args.dim} in {load_s:.1f} s", flush=True)
-        aio = loop.run_until_complete(_open_aio(seeds))
-        clients = Clients(sync, aio)
-        work = Workload(vectors, args.ks)
-        variants = [Variant(k, m, t) for k in args.ks for m in args.modes for t in TRANSPORTS]
+    with scratch_cluster("kvstore-bench-transport-", args.dir) as cluster:
+        loop = asyncio.new_event_loop()
+        sync: dict[str, Client] = {}
+        aio: dict[str, AsyncClient] = {}
+        started = time.monotonic()
+        try:
+            print(f"starting {args.nodes} node(s) under {cluster.root} ...", flush=True)
+            seeds = cluster.up(args.nodes)
+            pids = [n.pid for n in cluster.nodes]
+            print(f"serving at {','.join(seeds)} (pids {pids})", flush=True)
+            for t in TRANSPORTS:
+                sync[t] = Client(seeds, deadline_s=10.0, transport=t)
+                sync[t].connect()
+            vectors, load_s = load(sync["stream"], args.keys, args.dim)
+            print(f"loaded {args.keys:,} keys x {args.dim} in {load_s:.1f} s", flush=True)
+            aio = loop.run_until_complete(_open_aio(seeds))
+            clients = Clients(sync, aio)
+            work = Workload(vectors, args.ks)
+            variants = [Variant(k, m, t) for k in args.ks for m in args.modes for t in TRANSPORTS]
 
-        def each(fn: Callable[[Variant], None], order: list[Variant]) -> None:
-            for v in order:
-                fn(v)
+            def each(fn: Callable[[Variant], None], order: list[Variant]) -> None:
+                for v in order:
+                    fn(v)
 
-        each(lambda v: run_slice(v, clients, loop, work, args.warmup_s, False, pids, args.concurrency), variants)
-        rounds_done = 0
-        bench_t0 = time.monotonic()
-        per_round = len(variants) * args.slice_s
-        for r in range(args.rounds):
-            if time.monotonic() - bench_t0 + per_round > args.budget_s:
-                print(f"budget of {args.budget_s:.0f} s reached after {rounds_done} rounds", flush=True)
-                break
-            order = variants if r % 2 == 0 else variants[::-1]  # no variant always follows the same one
-            each(lambda v: run_slice(v, clients, loop, work, args.slice_s, True, pids, args.concurrency), order)
-            rounds_done += 1
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
-        results = [v.summary() for v in variants]
-        meta = {
-            "nodes": args.nodes,
-            "keys": args.keys,
-            "dim": args.dim,
-            "ks": args.ks,
-            "modes": args.modes,
-            "concurrency": args.concurrency,
-            "slice_s": args.slice_s,
-            "rounds": args.rounds,
-            "rounds_done": rounds_done,
-            "warmup_s": args.warmup_s,
-            "load_s": round(load_s, 2),
-            "client_malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
-            "malloc_env": MALLOC_ENV,
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-            "numpy": np.__version__,
-            "loadavg_end": os.getloadavg(),
-            "total_s": round(time.monotonic() - started, 1),
-        }
-        print()
-        print(markdown(results, meta))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1)
-            print(f"\nJSON written to {args.out}")
-    finally:
-        for kv in sync.values():
-            kv.close()
-        if aio:
-            loop.run_until_complete(_close_aio(aio))
-        loop.close()
-        stopped = cluster.down()
-        print(f"cluster stopped ({', '.join(stopped) or 'nothing running'})", flush=True)
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
+            each(lambda v: run_slice(v, clients, loop, work, args.warmup_s, False, pids, args.concurrency), variants)
+            rounds_done = 0
+            bench_t0 = time.monotonic()
+            per_round = len(variants) * args.slice_s
+            for r in range(args.rounds):
+                if time.monotonic() - bench_t0 + per_round > args.budget_s:
+                    print(f"budget of {args.budget_s:.0f} s reached after {rounds_done} rounds", flush=True)
+                    break
+                order = variants if r % 2 == 0 else variants[::-1]  # no variant always follows the same one
+                each(lambda v: run_slice(v, clients, loop, work, args.slice_s, True, pids, args.concurrency), order)
+                rounds_done += 1
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
+            results = [v.summary() for v in variants]
+            meta = {
+                "nodes": args.nodes,
+                "keys": args.keys,
+                "dim": args.dim,
+                "ks": args.ks,
+                "modes": args.modes,
+                "concurrency": args.concurrency,
+                "slice_s": args.slice_s,
+                "rounds": args.rounds,
+                "rounds_done": rounds_done,
+                "warmup_s": args.warmup_s,
+                "load_s": round(load_s, 2),
+                "client_malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
+                "malloc_env": MALLOC_ENV,
+                "cores": os.cpu_count(),
+                "python": platform.python_version(),
+                "grpcio": grpc.__version__,
+                "numpy": np.__version__,
+                "loadavg_end": os.getloadavg(),
+                "total_s": round(time.monotonic() - started, 1),
+            }
+            print()
+            print(markdown(results, meta))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "results": results}, f, indent=1)
+                print(f"\nJSON written to {args.out}")
+        finally:
+            for kv in sync.values():
+                kv.close()
+            if aio:
+                loop.run_until_complete(_close_aio(aio))
+            loop.close()
     return 0
 
 

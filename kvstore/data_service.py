@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import numpy as np
@@ -183,21 +183,8 @@ class DataService(pb_grpc.DataServicer):
         """Validate, build one command per partition, propose them all; return the count."""
         _, schema, ids, parts = self._route(table, ids_buf)
         commands = self._commands(schema, ids, parts, put)
-        rep = self.state.replicator
-        if rep is None:
-            raise UnavailableError(f"node {self.state.node_id} has no replicator (started without --raft-port)")
-        groups = {}
+        groups = self._led_groups(dict.fromkeys(cmd.partition for cmd in commands), for_reads=False)
         hints: dict[int, str] = {}
-        for part in dict.fromkeys(cmd.partition for cmd in commands):
-            try:
-                group = rep.group(part)
-            except KeyError:
-                raise UnavailableError(f"node {self.state.node_id}: partition {part} has no open group yet") from None
-            if not group.is_leader():
-                hints[part] = group.leader() or ""
-            groups[part] = group
-        if hints:
-            raise self._not_leader(hints)
         futures = [groups[cmd.partition].propose_async(encode(cmd), PROPOSE_TIMEOUT_S) for cmd in commands]
         try:  # one wake-up for the whole request; the engine fails each proposal at its timeout
             await asyncio.wait_for(asyncio.wrap_future(replication.when_all(futures)), PROPOSE_TIMEOUT_S + 5.0)
@@ -320,7 +307,7 @@ class DataService(pb_grpc.DataServicer):
     def _get(self, req: pb.GetRequest, out: pb.GetResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
         if req.consistency == pb.LEADER and local.replicated:
-            self._check_leads(np.unique(parts))
+            self._led_groups(np.unique(parts).tolist(), for_reads=True)
         store = self.state.store
         out.epoch = local.epoch
         if schema.kind == pb.FEATURES:
@@ -333,28 +320,33 @@ class DataService(pb_grpc.DataServicer):
         out.values = rows.tobytes()
         out.dtype = schema.dtype
 
-    def _check_leads(self, parts: npt.NDArray[np.intp]) -> None:
-        """Refuse a leader read unless this node's replica leads every partition in `parts`.
+    def _led_groups(self, parts: Iterable[int], *, for_reads: bool) -> dict[int, replication.PartitionGroup]:
+        """Return the local group of each partition in `parts`, all led by this node; else raise.
 
         Raises NOT_LEADER naming each refused partition's last known leader ("" during an
-        election, or while this leader cannot serve them yet: back off). A leader serves
-        them only once it applied its term's first entry and while a majority answered it
-        within the read lease (0.8 s, below the minimum election timeout), so a cut-off
-        leader stops before a new one can be elected.
+        election, or while this leader cannot serve leader reads yet: back off). For reads a
+        leader must also hold its read lease: it applied its term's first entry and a
+        majority answered it within 0.8 s (below the minimum election timeout), so a
+        cut-off leader stops serving them before a new one can be elected.
         """
         rep = self.state.replicator
         if rep is None:
             raise UnavailableError(f"node {self.state.node_id} has no replicator (started without --raft-port)")
+        groups: dict[int, replication.PartitionGroup] = {}
         hints: dict[int, str] = {}
-        for part in parts.tolist():
+        for part in parts:
             try:
                 group = rep.group(part)
             except KeyError:
                 raise UnavailableError(f"node {self.state.node_id}: partition {part} has no open group yet") from None
-            if not group.serves_leader_reads():
-                hints[part] = "" if group.is_leader() else (group.leader() or "")
+            if not group.is_leader():
+                hints[part] = group.leader() or ""
+            elif for_reads and not group.serves_leader_reads():
+                hints[part] = ""
+            groups[part] = group
         if hints:
             raise self._not_leader(hints)
+        return groups
 
     def _put(self, req: pb.PutRequest, out: pb.PutResponse) -> None:
         local, schema, ids, parts = self._route(req.table, req.ids)
