@@ -227,6 +227,13 @@ class AdminService(pb_grpc.AdminServicer):
         """Propose the change on the committed map; recompute when a racing change landed first."""
         async with self._meta_lock:
             for _ in range(CAS_ATTEMPTS):
+                if not group.serves_leader_reads():
+                    # A leader cut off from its majority would append the change, time out, and could
+                    # commit it long after the caller was told it failed: refuse before appending.
+                    raise UnavailableError(
+                        f"node {self.state.node_id}: the metadata leader has not heard from a majority of"
+                        " members within its lease; nothing changed, retry"
+                    )
                 meta = self.state.meta
                 base = (meta.map if meta is not None else None) or self.state.current().view.proto
                 cmap = change(base)

@@ -197,6 +197,8 @@ def test_leader_reads_follow_leadership_after_the_leader_dies(tmp_path: Path) ->
             assert kv.stats.leader_chases > chases  # a live replica named the new leader
             kv.put(TABLE, ids, np.full((KEYS, DIM), 2, dtype=np.float32))
             assert (kv.get(TABLE, ids, consistency="leader").values == 2).all()
+            twos = np.full((KEYS, DIM), 2, dtype=np.float32)  # followers apply a commit a round later
+            wait_until(lambda: _all_replicas_equal(kv, cluster, ids, twos), what="the live replicas to hold the rows")
             print(f"after killing {victim}: stats {kv.stats}")
         with Client(cluster.seeds, deadline_s=10.0, retry=PATIENT, hedge_after_ms=None) as fresh:
             # Its first choice for some partitions is the dead node: those reads fail over at once

@@ -47,10 +47,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def _replica_views(
     kv: Client, cluster: LocalCluster, ids: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For each node: the ids it holds a replica of, and (found, rows) read directly from it."""
+    """For each running node: the ids it holds a replica of, and (found, rows) read directly from it."""
     parts = partitions_of(TABLE, ids, kv.view.partitions)
     out = {}
-    for node in cluster.nodes:
+    for node in cluster.running():
         mine = np.array([node.node_id in kv.view.proto.placement[p].node_ids for p in parts])
         found, rows = read_direct(cluster, node.node_id, TABLE, ids[mine], DIM)
         out[node.node_id] = (ids[mine], found, rows)
@@ -58,7 +58,7 @@ def _replica_views(
 
 
 def _all_replicas_equal(kv: Client, cluster: LocalCluster, ids: np.ndarray, expected: np.ndarray) -> bool:
-    """Every replica of every id holds exactly `expected[id]`."""
+    """Every running replica of every id holds exactly `expected[id]`."""
     for held, found, rows in _replica_views(kv, cluster, ids).values():
         if not found.all() or not np.array_equal(rows, expected[held.astype(np.intp)]):
             return False
