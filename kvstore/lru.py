@@ -80,6 +80,10 @@ class VectorCache:
             self._used[fresh] = True
             self._index.put(new_ids, fresh.astype(np.int64))
 
+    def holding(self, ids: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """Return the positions in `ids` of the ids cached now (no reference bit is set)."""
+        return np.flatnonzero(self._index.get(ids) >= 0)
+
     def discard(self, ids: npt.NDArray[np.uint64]) -> None:
         """Forget `ids` (absent ids are ignored)."""
         slots = self._index.get(ids)
@@ -167,6 +171,11 @@ class RecordCache:
                 self._drop(old_key)
             self._entries[key] = value
             self.size_bytes += cost
+
+    def holding(self, ids: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """Return the positions in `ids` of the ids cached now (their recency is unchanged)."""
+        entries = self._entries
+        return np.array([i for i, key in enumerate(ids.tolist()) if key in entries], dtype=np.intp)
 
     def discard(self, ids: npt.NDArray[np.uint64]) -> None:
         for key in ids.tolist():

@@ -218,6 +218,45 @@ def test_cache_never_serves_an_overwritten_or_deleted_row(engine: Engine) -> Non
     assert rows.tobytes() == make_rows(table, [3]).tobytes()
 
 
+@pytest.mark.parametrize("kind", [pb.EMBEDDING, pb.FEATURES])
+def test_a_bulk_write_does_not_evict_the_rows_reads_keep_hot(engine: Engine, kind: int) -> None:
+    table = embedding("t", 1, 4, pb.FLOAT32) if kind == pb.EMBEDDING else features("t", 1)
+    store = Store(engine, 8 * (16 + ENTRY_OVERHEAD_BYTES))  # room for 8 rows
+    store.set_tables([table])
+
+    def stored(version: int) -> bytes:
+        return make_rows(table, [version]).tobytes() if kind == pb.EMBEDDING else bytes([version]) * 16
+
+    def put(batch: list[int], version: int) -> None:
+        ids = u64(batch)
+        if kind == pb.EMBEDDING:
+            store.put_vectors(table, ids, parts_of(table, ids), make_rows(table, [version] * len(batch)))
+        else:
+            store.put_records(table, ids, parts_of(table, ids), [stored(version)] * len(batch))
+
+    def read(batch: list[int]) -> tuple[int, list[bytes]]:
+        ids = u64(batch)
+        hits = store.stats.cache_hits
+        if kind == pb.EMBEDDING:
+            found, rows = store.get_vectors(table, ids, parts_of(table, ids))
+            values = [r.tobytes() for r in rows]
+        else:
+            found, values = store.get_records(table, ids, parts_of(table, ids))
+        assert found.all()
+        return store.stats.cache_hits - hits, values
+
+    hot = [1, 2, 3]
+    put(hot, 1)
+    assert store.cache_bytes == 0  # writes do not fill the cache
+    assert read(hot)[0] == 0 and read(hot)[0] == 3  # reads do
+    put(list(range(100, 164)), 2)  # eight times the cache
+    put(hot[:1], 3)  # a cached row takes its new value in place
+    hits, values = read(hot)
+    assert hits == 3
+    assert values == [stored(3), stored(1), stored(1)]
+    assert read([100]) == (0, [stored(2)])
+
+
 def test_a_put_larger_than_the_free_cache_space_reads_back_exactly(engine: Engine) -> None:
     table = embedding("t", 1, 4, pb.FLOAT32)
     store = Store(engine, 3 * (16 + ENTRY_OVERHEAD_BYTES))  # room for 3 rows
