@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_cluster("kvstore-bench-profile-", args.dir) as cluster:
         started = time.monotonic()
         print(f"starting {args.nodes} node(s) under {cluster.root} ...", flush=True)
-        seeds = cluster.up(args.nodes)
+        seeds = cluster.up(args.nodes, replicas=1)
         pids = [n.pid for n in cluster.nodes]
         result = asyncio.run(run(args, seeds, pids))
         result["client_malloc_env"] = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())

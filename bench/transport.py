@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         try:
             print(f"starting {args.nodes} node(s) under {cluster.root} ...", flush=True)
-            seeds = cluster.up(args.nodes)
+            seeds = cluster.up(args.nodes, replicas=1)
             pids = [n.pid for n in cluster.nodes]
             print(f"serving at {','.join(seeds)} (pids {pids})", flush=True)
             for t in TRANSPORTS:

@@ -146,6 +146,20 @@ class AdminService(pb_grpc.AdminServicer):
         out.groups.extend(group_status_to_proto(st) for st in await asyncio.to_thread(statuses))
         return out
 
+    async def WarmCache(self, request: pb.WarmCacheRequest, context: grpc.aio.ServicerContext) -> pb.WarmCacheReply:  # noqa: N802
+        """Read a table's local rows into the cache (off the event loop; serving goes on)."""
+        try:
+            local = self.state.current()
+            table = local.view.table(request.table)
+            parts = local.view.partitions_of_node(self.state.node_id)
+            added, full = await asyncio.to_thread(self.state.store.warm, table, parts)
+        except KvError as err:
+            await abort_with(context, err)
+            raise
+        return pb.WarmCacheReply(
+            node_id=self.state.node_id, rows_cached=added, cache_bytes=self.state.store.cache_bytes, cache_full=full
+        )
+
     async def _guarded(self, context: grpc.aio.ServicerContext, change: Change, forward: Forward) -> pb.ClusterMap:
         try:
             remaining = context.time_remaining()

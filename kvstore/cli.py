@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvclient import Client, ClientError, KvError
+from kvclient._proto import kvstore_pb2 as pb
 from kvstore.config import NodeConfig, parse_bytes
 from kvstore.launcher import ClusterError, LocalCluster, seeds_from_dir
 
@@ -72,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--dir", default=DEFAULT_DIR)
     up.add_argument("--partitions", type=int, default=64)
-    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument(
+        "--replicas", type=int, default=None, help="copies of each partition (default 3, at most --nodes; 1: no Raft)"
+    )
     up.add_argument("--raft-synced", action="store_true", help="replicated clusters: fsync every Raft log append")
     up.add_argument("--cache-bytes", default="256MiB")
     up.add_argument("--detach", action="store_true", help="return once the cluster serves")
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     drop = tsub.add_parser("drop")
     drop.add_argument("name")
     _add_target(drop)
+    warm = tsub.add_parser("warm", help="read a table's rows into every node's cache (writes do not fill it)")
+    warm.add_argument("name")
+    _add_target(warm)
 
     load = sub.add_parser("load", help="load ids and vectors from .npy files")
     load.add_argument("table")
@@ -410,6 +416,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         elif args.action == "drop":
             kv.drop_table(args.name)
             console.print(f"table {args.name!r} dropped")
+        elif args.action == "warm":
+            return _print_warm(kv.warm_cache(args.name))
         else:
             docs = [_table_doc(t) for t in kv.refresh_map().proto.tables]
             if args.json:
@@ -417,6 +425,22 @@ def cmd_table(args: argparse.Namespace) -> int:
             else:
                 _print_tables(docs)
     return 0
+
+
+def _print_warm(replies: list[pb.WarmCacheReply | KvError]) -> int:
+    """One line per node; exit status 1 when a node could not be warmed."""
+    failed = 0
+    for reply in replies:
+        if isinstance(reply, KvError):
+            failed += 1
+            console.print(f"[red]{type(reply).__name__}[/red]: {reply}", highlight=False)
+            continue
+        full = " (cache full)" if reply.cache_full else ""
+        console.print(
+            f"{reply.node_id}: {reply.rows_cached:,} rows cached{full}; cache {reply.cache_bytes / 2**20:,.1f} MiB",
+            highlight=False,
+        )
+    return 1 if failed else 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:

@@ -33,6 +33,13 @@ class Engine(Protocol):
         """
         ...
 
+    def keys(self, partition: int, begin: bytes, end: bytes) -> Iterator[bytes]:
+        """Return an iterator over a partition's keys k with begin <= k < end, in key order.
+
+        The view is fixed when this call returns, as for `items`.
+        """
+        ...
+
     def partitions(self) -> list[int]:
         """Return the partitions that have storage on this node."""
         ...
@@ -75,6 +82,9 @@ class MemEngine:
 
     def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         return iter(sorted(self._parts.get(partition, {}).items()))
+
+    def keys(self, partition: int, begin: bytes, end: bytes) -> Iterator[bytes]:
+        return iter(sorted(k for k in self._parts.get(partition, {}) if begin <= k < end))
 
     def partitions(self) -> list[int]:
         return sorted(self._parts)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 STATE_FILE = "cluster.json"
 RAFT_FILE = "raft.json"
+DEFAULT_REPLICAS = 3
 SECRET_FILE = "raft.secret"
 
 
@@ -88,12 +89,15 @@ class LocalCluster:
         nodes: int = 3,
         *,
         partitions: int = 64,
-        replicas: int = 1,
+        replicas: int | None = None,
         cache_bytes: str = "256MiB",
         raft_synced: bool = False,
         timeout_s: float = 30.0,
     ) -> list[str]:
         """Start every node, bootstrap a new cluster if needed; return the addresses.
+
+        `replicas` defaults to 3 (fewer with fewer nodes) for a new cluster, and to what the
+        folder's cluster was created with on a restart.
 
         Raises `ClusterError` if any node of this folder is already running, or if the
         folder holds a cluster with a different node count.
@@ -109,6 +113,8 @@ class LocalCluster:
                 f"{self.root} holds a {len(self.nodes)}-node cluster, not {nodes}; adding nodes is a rebalance"
             )
         os.makedirs(self.root, exist_ok=True)
+        if replicas is None:
+            replicas = self._replicas_on_disk() if self.nodes else min(DEFAULT_REPLICAS, nodes)
         if not self.nodes:
             self.nodes = [self._describe(f"n{i}") for i in range(1, nodes + 1)]
         if replicas > 1:
@@ -124,6 +130,10 @@ class LocalCluster:
             self.down()
             raise
         return self.seeds
+
+    def _replicas_on_disk(self) -> int:
+        """More than one when this folder's nodes were given Raft ports (a replicated cluster)."""
+        return DEFAULT_REPLICAS if any(raft_port(n.data_dir) for n in self.nodes) else 1
 
     def _prepare_raft(self, synced: bool) -> None:
         """Generate the cluster secret and each node's fixed Raft port (once per folder); record `synced`."""

@@ -7,6 +7,7 @@ the one used (rocksdict otherwise silently keeps an 8 MiB cache on reopen).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -94,6 +95,12 @@ class RocksEngine:
         if cf is None:
             return iter(())
         return cast(Iterator[tuple[bytes, bytes]], iter(cf.items()))
+
+    def keys(self, partition: int, begin: bytes, end: bytes) -> Iterator[bytes]:
+        cf = self._cfs.get(partition)
+        if cf is None:
+            return iter(())
+        return itertools.takewhile(lambda key: key < end, cast(Iterator[bytes], cf.keys(from_key=begin)))
 
     def partitions(self) -> list[int]:
         return sorted(self._cfs)

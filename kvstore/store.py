@@ -11,6 +11,7 @@ the request loop can share a `Store`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -25,7 +26,7 @@ from kvclient._codec import NUMPY_DTYPES
 from kvclient._errors import UnknownTableError
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.engine import Engine
-from kvstore.lru import RecordCache, VectorCache
+from kvstore.lru import ENTRY_OVERHEAD_BYTES, RecordCache, VectorCache
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ def encode_keys(table_id: int, ids: npt.NDArray[np.uint64]) -> list[bytes]:
     packed["id"] = ids
     buf = packed.tobytes()
     return [buf[i : i + KEY_BYTES] for i in range(0, len(buf), KEY_BYTES)]
+
+
+def decode_ids(keys: Sequence[bytes]) -> npt.NDArray[np.uint64]:
+    """Return the ids of engine keys of one table (the inverse of `encode_keys`)."""
+    return np.frombuffer(b"".join(keys), dtype=_KEY_DTYPE)["id"].astype(np.uint64)
 
 
 def table_range(table_id: int) -> tuple[bytes, bytes]:
@@ -200,6 +206,54 @@ class Store:
                 cache.insert(ids[filled], [values[i] for i in filled])  # type: ignore[misc]
             found = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
             return found, [v for v in values if v is not None]
+
+    def warm(self, table: pb.TableSchema, partitions: Iterable[int], chunk: int = 4096) -> tuple[int, bool]:
+        """Read `table`'s rows of `partitions` into its cache until the cache is full.
+
+        Returns (rows added, whether it stopped because the cache was full). Rows already
+        cached are left as they are and nothing is evicted. Each chunk is read and cached
+        under the lock, so a write applied meanwhile is never overwritten by an older value;
+        reads and writes go on between chunks. Not counted as reads in `stats`.
+        """
+        begin, end = table_range(table.table_id)
+        added = 0
+        for partition in partitions:
+            with self._lock:
+                keys = self.engine.keys(partition, begin, end)
+            while True:
+                with self._lock:
+                    batch = list(itertools.islice(keys, chunk))
+                    if not batch:
+                        break
+                    cache = self._vector_cache(table) if table.kind == pb.EMBEDDING else self._record_cache(table)
+                    got, full = self._warm_locked(cache, partition, batch)
+                added += got
+                if full:
+                    return added, True
+        return added, False
+
+    def _warm_locked(self, cache: VectorCache | RecordCache, partition: int, keys: list[bytes]) -> tuple[int, bool]:
+        """Cache the rows of `keys` not cached yet while there is room; return (rows added, full)."""
+        ids = decode_ids(keys)
+        absent = np.setdiff1d(np.arange(len(keys)), cache.holding(ids), assume_unique=True)
+        values = self.engine.multi_get(partition, [keys[i] for i in absent])
+        present = [i for i, v in enumerate(values) if v is not None]
+        if isinstance(cache, VectorCache):
+            room = cache.capacity - len(cache)
+            fits = present[:room]
+            if fits:
+                rows = np.frombuffer(b"".join(values[i] for i in fits), dtype=np.uint8)  # type: ignore[misc]
+                cache.insert(ids[absent[fits]], rows.reshape(len(fits), cache.row_bytes))
+        else:
+            fits, room = [], cache.budget_bytes - cache.size_bytes
+            for i in present:
+                cost = len(values[i]) + ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
+                if cost > room:
+                    break
+                fits.append(i)
+                room -= cost
+            cache.insert(ids[absent[fits]], [values[i] for i in fits])  # type: ignore[misc]
+        return len(fits), len(fits) < len(present)
 
     def _count_reads(self, keys: int, misses: int) -> None:
         self.stats.keys_read += keys

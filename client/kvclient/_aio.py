@@ -280,6 +280,45 @@ class AsyncClient(ReplicaReads):
 
         return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
 
+    async def wait_for_replicas(self, timeout_s: float = 60.0) -> float:
+        """Wait until every replica has applied its partition's highest commit; return the seconds waited.
+
+        A put returns once a majority holds it and the leader applied it; the other replicas
+        apply it a round later. Call this after a bulk load, before reads from any replica
+        must see all of it. Raises `DeadlineExceededError` after `timeout_s`.
+        """
+        start = time.monotonic()
+        while True:
+            status = await self.partition_status()
+            if _replicas_caught_up(status):
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise DeadlineExceededError(f"replicas did not catch up within {timeout_s} s")
+            await asyncio.sleep(0.05)
+
+    async def warm_cache(self, table: str, *, timeout_s: float = 120.0) -> list[pb.WarmCacheReply | KvError]:
+        """Have every node read `table`'s rows into its cache until full; replies (or errors) in map order.
+
+        Writes do not fill node caches, reads do: call this after a bulk load or a node
+        restart so that the first reads are answered from memory.
+        """
+        view = await self.refresh_map()
+        view.table(table)  # an unknown table is the caller's error, raised here
+
+        async def one(node_id: str) -> pb.WarmCacheReply | KvError:
+            conn = self._connection(node_id, view.addresses[node_id])
+            try:
+                reply: pb.WarmCacheReply = await conn.admin.WarmCache(
+                    pb.WarmCacheRequest(table=table), timeout=timeout_s
+                )
+                return reply
+            except Exception as exc:
+                return (
+                    error_from_rpc(exc, conn.label) if hasattr(exc, "trailing_metadata") else UnavailableError(str(exc))
+                )
+
+        return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
+
     async def _admin(self, call: Callable[[NodeConnection], Awaitable[pb.ClusterMap]]) -> None:
         """Run a metadata change on a metadata holder (one hop less), falling back to any other node."""
         view = self.view if self._view else await self.refresh_map()
@@ -598,6 +637,18 @@ class AsyncClient(ReplicaReads):
             await asyncio.wait_for(self.refresh_map(), max(0.001, deadline - time.monotonic()))
         except (KvError, TimeoutError) as exc:
             log.debug("map refresh during retry failed: %s", exc)
+
+
+def _replicas_caught_up(status: list[pb.PartitionStatusResponse | KvError]) -> bool:
+    """Every node answered, and every replica applied its partition's highest commit index."""
+    answers = [resp for resp in status if not isinstance(resp, KvError)]
+    if len(answers) < len(status):
+        return False
+    commit: dict[int, int] = {}
+    for resp in answers:
+        for g in resp.groups:
+            commit[g.partition] = max(commit.get(g.partition, 0), g.commit_index)
+    return all(g.applied_index >= commit[g.partition] for resp in answers for g in resp.groups)
 
 
 def _consistency(value: object) -> pb.Consistency.ValueType:

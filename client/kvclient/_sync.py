@@ -98,6 +98,8 @@ class Client:
     list_tables = _blocking(AsyncClient.list_tables)
     node_stats = _blocking(AsyncClient.node_stats)
     partition_status = _blocking(AsyncClient.partition_status)
+    warm_cache = _blocking(AsyncClient.warm_cache)
+    wait_for_replicas = _blocking(AsyncClient.wait_for_replicas)
     get = _blocking(AsyncClient.get)
     put = _blocking(AsyncClient.put)
     delete = _blocking(AsyncClient.delete)

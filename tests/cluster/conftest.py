@@ -40,7 +40,7 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
     """One 3-node cluster shared by a test module (tests use their own table names)."""
     cluster = LocalCluster.open(str(tmp_path_factory.mktemp("cluster")))
     try:
-        cluster.up(3, partitions=16, cache_bytes="32MiB")
+        cluster.up(3, partitions=16, replicas=1, cache_bytes="32MiB")
         yield cluster
     finally:
         cluster.down()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kvstore.launcher import LocalCluster
+from tests.conftest import wait_until
 
 
 def kvstore(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -65,12 +68,26 @@ def test_operator_session(cluster_dir: str, tmp_path: Path) -> None:
     assert [r["found"] for r in rows] == [True, True, False]
     np.testing.assert_array_equal(np.array(rows[0]["vector"], dtype=np.float32), vectors[7])
 
-    status = json.loads(kvstore("status", "--json", "--dir", cluster_dir).stdout)
-    assert [n["state"] for n in status["nodes"]] == ["up", "up", "up"]
-    assert sum(n["partitions"] for n in status["nodes"]) == 8
-    assert sum(n["keys_written"] for n in status["nodes"]) == 2500
+    def status() -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(kvstore("status", "--json", "--dir", cluster_dir).stdout)
+        return doc
+
+    # A put returns once a majority applied it: the third replica may apply it a round later.
+    wait_until(lambda: sum(n["keys_written"] for n in status()["nodes"]) == 2500 * 3, what="every replica's writes")
+    doc = status()
+    assert doc["replicas"] == 3  # the default with 3 nodes
+    assert [n["state"] for n in doc["nodes"]] == ["up", "up", "up"]
+    assert sum(n["partitions"] for n in doc["nodes"]) == 8 * 3
     human = kvstore("status", "--dir", cluster_dir).stdout
-    assert "n1 (meta)" in human and "items" in human
+    assert "items" in human and "metadata group" in human
+
+    # Writes do not fill node caches; `table warm` reads every replica's rows of the table into
+    # them (the two rows read above are cached already on the replica that answered, and on
+    # any the read was hedged to; 9999 does not exist).
+    warmed = kvstore("table", "warm", "items", "--dir", cluster_dir).stdout
+    cached = sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) rows cached", warmed))
+    assert 2500 * 3 - 2 * 3 <= cached <= 2500 * 3 - 2, warmed
+    assert kvstore("table", "warm", "nope", "--dir", cluster_dir, check=False).returncode == 2
 
     bad = kvstore("table", "create", "broken", "--dim", "0", "--dir", cluster_dir, check=False)
     assert bad.returncode == 2 and "dim" in bad.stdout

@@ -23,7 +23,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster of its own per test: these tests kill nodes."""
     cluster = LocalCluster.open(str(tmp_path / "c"))
     try:
-        cluster.up(3, partitions=16, cache_bytes="16MiB")
+        cluster.up(3, partitions=16, replicas=1, cache_bytes="16MiB")
         yield cluster
     finally:
         cluster.down()

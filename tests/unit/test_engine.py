@@ -51,6 +51,19 @@ def test_write_applies_puts_and_deletes_in_order(make_engine: EngineFactory) -> 
     assert engine.partitions() == [1]
 
 
+def test_keys_lists_a_range_in_key_order_as_of_the_call(make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    keys = [bytes([i, j]) for i in range(4) for j in (7, 3, 250)]
+    engine.write(5, keys, [b"v"] * len(keys))
+    engine.write(6, [b"\x01\x05"], [b"other partition"])
+    assert list(engine.keys(5, b"\x01", b"\x03")) == sorted(k for k in keys if b"\x01" <= k < b"\x03")
+    assert list(engine.keys(5, b"\x09", b"\xff")) == []
+    assert list(engine.keys(9, b"", b"\xff")) == []  # an unknown partition is empty
+    snapshot = engine.keys(5, b"\x02", b"\x03")
+    engine.write(5, [b"\x02\x05"], [b"later"])
+    assert list(snapshot) == [b"\x02\x03", b"\x02\x07", b"\x02\xfa"]
+
+
 def test_multi_get_answers_in_the_order_asked(make_engine: EngineFactory) -> None:
     engine = make_engine()
     keys = [bytes([i]) * 3 for i in range(50)]

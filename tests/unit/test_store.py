@@ -257,6 +257,45 @@ def test_a_bulk_write_does_not_evict_the_rows_reads_keep_hot(engine: Engine, kin
     assert read([100]) == (0, [stored(2)])
 
 
+@pytest.mark.parametrize("kind", [pb.EMBEDDING, pb.FEATURES])
+@pytest.mark.parametrize("rows", [5, 20])
+def test_warm_fills_the_cache_up_to_its_budget_and_evicts_nothing(engine: Engine, kind: int, rows: int) -> None:
+    table = embedding("t", 1, 4, pb.FLOAT32) if kind == pb.EMBEDDING else features("t", 1)
+    other = embedding("other", 2, 4, pb.FLOAT32)
+    store = Store(engine, 2 * 8 * (16 + ENTRY_OVERHEAD_BYTES))  # each table's share: room for 8 rows
+    store.set_tables([table, other])
+    ids = u64(list(range(100, 100 + rows)))
+    parts = parts_of(table, ids)
+    if kind == pb.EMBEDDING:
+        store.put_vectors(table, ids, parts, make_rows(table, list(range(rows))))
+    else:
+        store.put_records(table, ids, parts, [bytes([i]) * 16 for i in range(rows)])
+    store.put_vectors(other, ids, parts_of(other, ids), make_rows(other, list(range(rows))))
+
+    def read(ask: np.ndarray) -> int:
+        hits = store.stats.cache_hits
+        if kind == pb.EMBEDDING:
+            found = store.get_vectors(table, ask, parts_of(table, ask))[0]
+        else:
+            found = store.get_records(table, ask, parts_of(table, ask))[0]
+        assert found.all()
+        return store.stats.cache_hits - hits
+
+    hot = ids[-3:]
+    read(hot)
+    read_before = store.stats.keys_read
+    added, full = store.warm(table, sorted(set(parts.tolist())), chunk=4)
+    assert store.stats.keys_read == read_before  # warming is not a read
+    assert added == min(rows, 8) - len(hot)
+    assert full == (rows > 8)
+    assert read(hot) == len(hot)  # the hot rows were not evicted
+    assert read(ids) == min(rows, 8)
+    assert store.warm(table, [], chunk=4) == (0, False)
+    hits = store.stats.cache_hits
+    assert store.get_vectors(other, ids, parts_of(other, ids))[0].all()
+    assert store.stats.cache_hits == hits  # only `table` was warmed
+
+
 def test_a_put_larger_than_the_free_cache_space_reads_back_exactly(engine: Engine) -> None:
     table = embedding("t", 1, 4, pb.FLOAT32)
     store = Store(engine, 3 * (16 + ENTRY_OVERHEAD_BYTES))  # room for 3 rows

@@ -832,6 +832,61 @@ class PartitionStatusResponse(_message.Message):
 Global___PartitionStatusResponse: _TypeAlias = PartitionStatusResponse  # noqa: Y015
 
 @_typing.final
+class WarmCacheRequest(_message.Message):
+    """Read one table's rows of this node's partitions into its cache, until the cache is full
+    (like PostgreSQL's pg_prewarm). Writes do not fill the cache, reads do; this warms a node
+    after a restart or a bulk load without waiting for traffic.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    table: _builtins.str
+    def __init__(
+        self,
+        *,
+        table: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmCacheRequest: _TypeAlias = WarmCacheRequest  # noqa: Y015
+
+@_typing.final
+class WarmCacheReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ROWS_CACHED_FIELD_NUMBER: _builtins.int
+    CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_FULL_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    rows_cached: _builtins.int
+    """rows this call added to the cache"""
+    cache_bytes: _builtins.int
+    """the node's cache size afterwards (every table)"""
+    cache_full: _builtins.bool
+    """stopped because the table's share of the cache was full"""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        rows_cached: _builtins.int = ...,
+        cache_bytes: _builtins.int = ...,
+        cache_full: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_bytes", b"cache_bytes", "cache_full", b"cache_full", "node_id", b"node_id", "rows_cached", b"rows_cached"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmCacheReply: _TypeAlias = WarmCacheReply  # noqa: Y015
+
+@_typing.final
 class ReplicaRequest(_message.Message):
     """---- replica membership (the rebalancer's primitives) ----
 

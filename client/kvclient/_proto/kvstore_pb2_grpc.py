@@ -277,6 +277,11 @@ class AdminStub:
                 request_serializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.SerializeToString,
                 response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.FromString,
                 _registered_method=True)
+        self.WarmCache = channel.unary_unary(
+                '/kvstore.v1.Admin/WarmCache',
+                request_serializer=kvclient_dot___proto_dot_kvstore__pb2.WarmCacheRequest.SerializeToString,
+                response_deserializer=kvclient_dot___proto_dot_kvstore__pb2.WarmCacheReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -330,6 +335,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WarmCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +383,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetPartitionStatus,
                     request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.FromString,
                     response_serializer=kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.SerializeToString,
+            ),
+            'WarmCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.WarmCache,
+                    request_deserializer=kvclient_dot___proto_dot_kvstore__pb2.WarmCacheRequest.FromString,
+                    response_serializer=kvclient_dot___proto_dot_kvstore__pb2.WarmCacheReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -590,6 +606,33 @@ class Admin:
             '/kvstore.v1.Admin/GetPartitionStatus',
             kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusRequest.SerializeToString,
             kvclient_dot___proto_dot_kvstore__pb2.PartitionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WarmCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/WarmCache',
+            kvclient_dot___proto_dot_kvstore__pb2.WarmCacheRequest.SerializeToString,
+            kvclient_dot___proto_dot_kvstore__pb2.WarmCacheReply.FromString,
             options,
             channel_credentials,
             insecure,
