@@ -89,11 +89,13 @@ class Driver:
         """Run `fn` on the driver thread and return its result (re-raises its exception)."""
         if threading.current_thread() is self._thread:
             return fn()
-        if not self._thread.is_alive():
+        if self._stop or not self._thread.is_alive():
             raise RuntimeError("raft driver is not running")
         future: Future[T] = Future()
         self._calls.append((fn, future))
         self.wake()
+        if self._stop and not self._thread.is_alive():  # stopped after the check: nobody will run it
+            self._fail_calls()
         return future.result(timeout_s)
 
     def stop(self) -> None:
@@ -101,10 +103,22 @@ class Driver:
         self.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(10)
+        if not self._thread.is_alive():
+            self._fail_calls()  # handed over after the last round: their callers must not wait
         self._closed = True
         self.poller.unsubscribe(self._wake_r)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def _fail_calls(self) -> None:
+        """Fail every call still queued (the driver thread has ended); drop queued `call_soon`s."""
+        while self._calls:
+            try:
+                _, future = self._calls.popleft()
+            except IndexError:  # another thread emptied it meanwhile
+                return
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("raft driver stopped before running this call"))
 
     def _drain_wake(self, fd: int, mask: int) -> None:
         try:

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import msgpack
@@ -14,6 +15,8 @@ import pysyncobj.pickle
 import pytest
 
 from kvstore.replication import NodeId
+from kvstore.replication.driver import Driver
+from kvstore.replication.mux import Poller
 from kvstore.replication.pysyncobj_engine import (
     ConfigError,
     PySyncObjConfig,
@@ -209,3 +212,24 @@ def test_synced_mode_commits(tmp_path: Any) -> None:
         for i in range(20):
             assert _ok(leader.propose(b"s%d" % i))
         assert reps[0][0]._log_store is not None and reps[0][0]._log_store.synced
+
+
+def test_work_handed_to_a_stopped_driver_fails_instead_of_waiting() -> None:
+    poller = Poller()
+    driver = Driver(poller, tick_s=0.05, on_idle_tick=lambda now: None, on_flush=lambda: None)
+    driver.start()
+    try:
+        assert driver.call(lambda: 7) == 7
+        # A call that slips in after the driver's last round (the thread has ended, stop() not done yet).
+        driver._stop = True
+        driver.wake()
+        driver._thread.join(5)
+        late: Future[int] = Future()
+        driver._calls.append((lambda: 8, late))
+    finally:
+        driver.stop()
+        poller.close()
+    with pytest.raises(RuntimeError, match="stopped before running"):
+        late.result(0)
+    with pytest.raises(RuntimeError, match="not running"):
+        driver.call(lambda: 9, timeout_s=5.0)
