@@ -141,6 +141,9 @@ class Store:
             raise UnknownTableError(f"table {table.name!r} was dropped", field="table")
         return cache
 
+    def _cache(self, table: pb.TableSchema) -> VectorCache | RecordCache:
+        return self._record_cache(table) if table.kind == pb.FEATURES else self._vector_cache(table)
+
     def _record_cache(self, table: pb.TableSchema) -> RecordCache:
         cache = self._records.get(table.table_id)
         if cache is None:
@@ -225,8 +228,7 @@ class Store:
                     batch = list(itertools.islice(keys, chunk))
                     if not batch:
                         break
-                    cache = self._vector_cache(table) if table.kind == pb.EMBEDDING else self._record_cache(table)
-                    got, full = self._warm_locked(cache, partition, batch)
+                    got, full = self._warm_locked(self._cache(table), partition, batch)
                 added += got
                 if full:
                     return added, True
@@ -235,25 +237,23 @@ class Store:
     def _warm_locked(self, cache: VectorCache | RecordCache, partition: int, keys: list[bytes]) -> tuple[int, bool]:
         """Cache the rows of `keys` not cached yet while there is room; return (rows added, full)."""
         ids = decode_ids(keys)
-        absent = np.setdiff1d(np.arange(len(keys)), cache.holding(ids), assume_unique=True)
+        absent = np.setdiff1d(np.arange(len(keys)), cache.holding(ids), assume_unique=True).tolist()
         values = self.engine.multi_get(partition, [keys[i] for i in absent])
-        present = [i for i, v in enumerate(values) if v is not None]
+        stored = [(i, v) for i, v in zip(absent, values, strict=True) if v is not None]  # (position, value)
         if isinstance(cache, VectorCache):
-            room = cache.capacity - len(cache)
-            fits = present[:room]
+            fits = stored[: cache.capacity - len(cache)]
             if fits:
-                rows = np.frombuffer(b"".join(values[i] for i in fits), dtype=np.uint8)  # type: ignore[misc]
-                cache.insert(ids[absent[fits]], rows.reshape(len(fits), cache.row_bytes))
+                rows = np.frombuffer(b"".join(v for _, v in fits), dtype=np.uint8)
+                cache.insert(ids[[i for i, _ in fits]], rows.reshape(len(fits), cache.row_bytes))
         else:
             fits, room = [], cache.budget_bytes - cache.size_bytes
-            for i in present:
-                cost = len(values[i]) + ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
-                if cost > room:
+            for i, v in stored:
+                room -= len(v) + ENTRY_OVERHEAD_BYTES
+                if room < 0:
                     break
-                fits.append(i)
-                room -= cost
-            cache.insert(ids[absent[fits]], [values[i] for i in fits])  # type: ignore[misc]
-        return len(fits), len(fits) < len(present)
+                fits.append((i, v))
+            cache.insert(ids[[i for i, _ in fits]], [v for _, v in fits])
+        return len(fits), len(fits) < len(stored)
 
     def _count_reads(self, keys: int, misses: int) -> None:
         self.stats.keys_read += keys
@@ -298,10 +298,7 @@ class Store:
         """Delete ids (absent ones are fine); return how many distinct ids were deleted."""
         keep = last_occurrence(ids)
         with self._lock:
-            if table.kind == pb.FEATURES:
-                self._record_cache(table)
-            else:
-                self._vector_cache(table)
+            self._cache(table)  # a table dropped meanwhile is refused before any write
             self._write_locked(table, ids[keep], parts[keep], [None] * len(keep))
             self._refresh_cached_locked(table.table_id, _NO_IDS, [], ids[keep])
         return len(keep)

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,8 @@ from kvclient._proto import kvstore_pb2 as pb
 from kvclient._reads import Answer, BuildRequest, ReplicaReads
 from kvclient._results import FeaturesResult, GetResult, TableInfo
 from kvclient._stats import ClientStats
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -252,33 +254,13 @@ class AsyncClient(ReplicaReads):
 
     async def node_stats(self) -> list[pb.NodeStats | KvError]:
         """Return each node's statistics (or the error reaching it), in map order."""
-        view = await self.refresh_map()
-
-        async def one(node_id: str) -> pb.NodeStats | KvError:
-            conn = self._connection(node_id, view.addresses[node_id])
-            try:
-                stats: pb.NodeStats = await conn.admin.GetNodeStats(pb.NodeStatsRequest(), timeout=2.0)
-                return stats
-            except Exception as exc:
-                return UnavailableError(f"node {conn.label}: {exc}")
-
-        return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
+        return await self._each_node(lambda conn: conn.admin.GetNodeStats(pb.NodeStatsRequest(), timeout=2.0))
 
     async def partition_status(self) -> list[pb.PartitionStatusResponse | KvError]:
         """Return each node's view of its local Raft groups (or the error reaching it), in map order."""
-        view = await self.refresh_map()
-
-        async def one(node_id: str) -> pb.PartitionStatusResponse | KvError:
-            conn = self._connection(node_id, view.addresses[node_id])
-            try:
-                resp: pb.PartitionStatusResponse = await conn.admin.GetPartitionStatus(
-                    pb.PartitionStatusRequest(), timeout=2.0
-                )
-                return resp
-            except Exception as exc:
-                return UnavailableError(f"node {conn.label}: {exc}")
-
-        return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
+        return await self._each_node(
+            lambda conn: conn.admin.GetPartitionStatus(pb.PartitionStatusRequest(), timeout=2.0)
+        )
 
     async def wait_for_replicas(self, timeout_s: float = 60.0) -> float:
         """Wait until every replica has applied its partition's highest commit; return the seconds waited.
@@ -302,20 +284,25 @@ class AsyncClient(ReplicaReads):
         Writes do not fill node caches, reads do: call this after a bulk load or a node
         restart so that the first reads are answered from memory.
         """
-        view = await self.refresh_map()
-        view.table(table)  # an unknown table is the caller's error, raised here
+        (await self.refresh_map()).table(table)  # an unknown table is the caller's error, raised here
+        return await self._each_node(
+            lambda conn: conn.admin.WarmCache(pb.WarmCacheRequest(table=table), timeout=timeout_s), refresh=False
+        )
 
-        async def one(node_id: str) -> pb.WarmCacheReply | KvError:
+    async def _each_node(
+        self, call: Callable[[NodeConnection], Awaitable[T]], *, refresh: bool = True
+    ) -> list[T | KvError]:
+        """Run `call` against every node of the (refreshed) map at once; each reply or error, in map order."""
+        view = await self.refresh_map() if refresh else self.view
+
+        async def one(node_id: str) -> T | KvError:
             conn = self._connection(node_id, view.addresses[node_id])
             try:
-                reply: pb.WarmCacheReply = await conn.admin.WarmCache(
-                    pb.WarmCacheRequest(table=table), timeout=timeout_s
-                )
-                return reply
+                return await call(conn)
             except Exception as exc:
-                return (
-                    error_from_rpc(exc, conn.label) if hasattr(exc, "trailing_metadata") else UnavailableError(str(exc))
-                )
+                if hasattr(exc, "trailing_metadata"):
+                    return error_from_rpc(exc, conn.label)
+                return UnavailableError(f"node {conn.label}: {exc}")
 
         return list(await asyncio.gather(*(one(n) for n in view.node_ids)))
 
