@@ -30,7 +30,6 @@ from typing import BinaryIO
 
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.replication import StateMachine
-from kvstore.replication.command import merge_puts
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +152,6 @@ class GroupStateMachines:
         if partition == META_GROUP:
             return self.meta.apply(partition, command, index)
         return self._partitions.apply(partition, command, index)
-
-    def merge(self, partition: int, commands: list[bytes]) -> bytes | None:
-        """Partition commands queued in one round may become one entry; metadata changes never do."""
-        return None if partition == META_GROUP else merge_puts(commands)
 
     def applied_index(self, partition: int) -> int:
         if partition == META_GROUP:

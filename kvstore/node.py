@@ -88,7 +88,6 @@ def _start_replicator(config: NodeConfig, store: Store, meta: MetaStateMachine) 
     """Start the Raft replicator on the node's fixed port (only for replicated clusters)."""
     if not config.raft_port:
         return None
-    machines = GroupStateMachines(StoreStateMachine(store), meta)
     rep = PySyncObjReplicator(
         NodeId(config.node_id),
         PySyncObjConfig(
@@ -98,8 +97,7 @@ def _start_replicator(config: NodeConfig, store: Store, meta: MetaStateMachine) 
             secret=config.raft_secret,
             synced=config.raft_synced,
         ),
-        machines,
-        merge=machines.merge,
+        GroupStateMachines(StoreStateMachine(store), meta),
     )
     rep.start()
     return rep

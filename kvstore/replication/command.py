@@ -17,12 +17,11 @@ none.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
 
-__all__ = ["VERSION", "Command", "CommandError", "decode", "encode", "merge_puts"]
+__all__ = ["VERSION", "Command", "CommandError", "decode", "encode"]
 
 VERSION = 1
 _ID_BYTES = 8
@@ -110,35 +109,6 @@ def decode(data: bytes) -> Command:
     )
     command.validate()
     return command
-
-
-def merge_puts(commands: Sequence[bytes]) -> bytes | None:
-    """Return one command that does what `commands` do applied in order, or None if it cannot.
-
-    Only puts (no deletes) to one table of one partition merge: a later put of an id wins
-    in both, but a delete followed by a put of the same id would not survive (a command
-    applies its puts before its deletes). Used by the leader to make the commands of one
-    partition queued in the same driver round one Raft entry and one store write.
-    """
-    if len(commands) < 2:
-        return None
-    try:
-        parts = [decode(c) for c in commands]
-    except CommandError:
-        return None
-    first = parts[0]
-    if any(c.deletes or c.partition != first.partition or c.table_id != first.table_id for c in parts):
-        return None
-    shapes = {(c.records is None, c.row_bytes) for c in parts if c.put_count}
-    if len(shapes) > 1:  # rows of another width, or records and rows
-        return None
-    ids = b"".join(c.ids for c in parts)
-    if not ids:
-        return encode(Command(first.partition, first.table_id))
-    if shapes == {(False, 0)}:
-        records = tuple(r for c in parts for r in c.records or ())
-        return encode(Command(first.partition, first.table_id, ids, records=records))
-    return encode(Command(first.partition, first.table_id, ids, values=b"".join(c.values or b"" for c in parts)))
 
 
 def _check_types(

@@ -10,7 +10,7 @@ import numpy as np
 
 from kvclient._proto import kvstore_pb2 as pb
 from kvstore.replication import NodeId
-from kvstore.replication.command import Command, encode, merge_puts
+from kvstore.replication.command import Command, encode
 from kvstore.replication.pysyncobj_engine import PySyncObjConfig, PySyncObjReplicator
 from kvstore.rocks_engine import RocksEngine
 from kvstore.state_machine import OK, StoreStateMachine
@@ -59,44 +59,6 @@ def test_three_stores_apply_the_same_commands_and_a_new_one_catches_up(tmp_path:
             found, got = store.get_vectors(TABLE, ids.astype(np.uint64), parts)
             assert not found[0] and found[1:].all()
             assert got.view(np.float32).reshape(-1, 4).tolist() == rows[1:].tolist()
-    finally:
-        for rep, store in nodes:
-            rep.close()
-            store.close()
-
-
-def test_puts_queued_in_one_round_commit_as_fewer_entries_with_the_same_result(tmp_path: Any) -> None:
-    nodes: list[tuple[PySyncObjReplicator, Store]] = []
-    try:
-        for i in range(3):
-            store = Store(RocksEngine(os.path.join(str(tmp_path), f"db{i}")), 1 << 20)
-            store.set_tables([TABLE])
-            config = PySyncObjConfig(data_dir=os.path.join(str(tmp_path), f"n{i}"), balance_leaders=False)
-            rep = PySyncObjReplicator(
-                NodeId(f"n{i}"), config, StoreStateMachine(store), merge=lambda _, commands: merge_puts(commands)
-            )
-            rep.start()
-            nodes.append((rep, store))
-        members = {rep.node_id: rep.address for rep, _ in nodes}
-        groups = [rep.add_group(0, members) for rep, _ in nodes]
-        leader = wait_leader(groups)
-        before = leader.status().commit_index
-        ids = np.arange(8, dtype="<u8")
-        # 20 puts of the same ids, each with its own value: the last one must win everywhere.
-        futures = [
-            leader.propose_async(encode(Command(0, TABLE.table_id, ids.tobytes(), np.full((8, 4), v, "<f4").tobytes())))
-            for v in range(20)
-        ]
-        assert [f.result(10) for f in futures] == [OK] * 20
-        entries = leader.status().commit_index - before
-        print(f"20 proposals committed as {entries} entries")
-        assert entries < 20
-        parts = np.zeros(len(ids), dtype=np.intp)
-        top = leader.status().commit_index
-        for _, store in nodes:
-            wait_until(functools.partial(_applied_at_least, store, top), what=f"applied index {top}")
-            found, got = store.get_vectors(TABLE, ids.astype(np.uint64), parts)
-            assert found.all() and (got.view(np.float32) == 19).all()
     finally:
         for rep, store in nodes:
             rep.close()

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,22 +26,15 @@ from kvstore.replication.raft_log import GroupLog, LogStore
 
 log = logging.getLogger(__name__)
 
-Merge = Callable[[int, list[bytes]], "bytes | None"]
-
 
 class PySyncObjReplicator:
     """`Replicator` for one node process: one port, one driver thread, one snapshot thread."""
 
-    def __init__(
-        self, node_id: NodeId, config: PySyncObjConfig, state_machine: StateMachine, merge: Merge | None = None
-    ) -> None:
-        """`merge(partition, commands)` may combine commands of one partition queued in the same
-        driver round into one entry that does what they do in order (None: keep them apart)."""
+    def __init__(self, node_id: NodeId, config: PySyncObjConfig, state_machine: StateMachine) -> None:
         config.validate()
         self.node_id = node_id
         self.config = config
         self._sm = state_machine
-        self._merge = merge
         self._groups: dict[int, PySyncObjGroup] = {}
         self._addresses: dict[NodeId, str] = {}
         self._nodes: dict[str, NodeId] = {}
@@ -228,44 +221,16 @@ class PySyncObjReplicator:
     def _take_proposals(self) -> None:
         """Hand every queued proposal to its group (driver thread); each group ticks this round."""
         self._take_scheduled = False  # before taking: a proposal queued after this schedules a new call
-        taken: dict[int, list[tuple[bytes, Future[Result], float]]] = {}
         while self._proposals:
             partition, command, future, deadline = self._proposals.popleft()
-            taken.setdefault(partition, []).append((command, future, deadline))
-        for partition, proposals in taken.items():
             group = self._groups.get(partition)
-            if group is None or not group._raft._isLeader():
-                hint = group.leader() if group is not None else None
-                for _, future, _ in proposals:
-                    settle(future, error=NotLeaderError(partition, hint))
-                continue
-            for command, futures in self._entries(partition, proposals):
-                group._raft._kv_apply(command, callback=functools.partial(_outcome_all, group, futures))
-
-    def _entries(
-        self, partition: int, proposals: list[tuple[bytes, Future[Result], float]]
-    ) -> list[tuple[bytes, list[Future[Result]]]]:
-        """One partition's Raft entries for a round, in proposal order: runs of commands merged where `merge` can."""
-        runs: list[list[tuple[bytes, Future[Result]]]] = []
-        size, limit = 0, self.config.max_command_bytes - 1024
-        for command, future, deadline in proposals:
-            if future.done():  # cancelled by its caller meanwhile
-                continue
-            self._deadlines.track(future, partition, deadline)
-            if runs and self._merge is not None and size + len(command) <= limit:
-                runs[-1].append((command, future))
-                size += len(command)
-            else:
-                runs.append([(command, future)])
-                size = len(command)
-        out: list[tuple[bytes, list[Future[Result]]]] = []
-        for run in runs:
-            merged = self._merge(partition, [c for c, _ in run]) if self._merge is not None and len(run) > 1 else None
-            if merged is None:
-                out.extend((command, [future]) for command, future in run)
-            else:
-                out.append((merged, [future for _, future in run]))
-        return out
+            if group is None:
+                settle(future, error=NotLeaderError(partition, None))
+            elif not group._raft._isLeader():
+                settle(future, error=NotLeaderError(partition, group.leader()))
+            elif not future.done():
+                self._deadlines.track(future, partition, deadline)
+                group._raft._kv_apply(command, callback=functools.partial(group._outcome, future))
 
     # ---- driver callbacks ----
 
@@ -339,12 +304,6 @@ class PySyncObjReplicator:
             return self._addresses[node]
         except KeyError:
             raise MembershipChangeError(f"unknown node {node!r}: add it with its address first") from None
-
-
-def _outcome_all(group: PySyncObjGroup, futures: list[Future[Result]], result: Any, error: int) -> None:
-    """pysyncobj's callback for an entry that carries several proposals: each gets its outcome."""
-    for future in futures:
-        group._outcome(future, result, error)
 
 
 def _unused_hook(*args: Any) -> Any:
