@@ -510,10 +510,11 @@ class AsyncClient(ReplicaReads):
                 break
             seen.extend(retry)
             if all(isinstance(err, NotLeaderError) for _, err in retry) and chases < MAX_LEADER_CHASES:
-                # Only leadership moved: resend at once to the hinted leaders, or wait out an election.
+                # Only leadership moved: resend at once to the hinted leaders, or wait out an
+                # election; hints that keep bouncing (a leadership handover) are waited out too.
                 chases += 1
                 self.stats.leader_chases += 1
-                if not self._hints_usable(view, retry):
+                if chases > 2 or not self._hints_usable(view, retry):
                     pause = self._retry.delay_s(min(chases, 3))
                     await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
             else:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from kvstore.replication import NotLeaderError, ProposalTimeoutError, ReplicationError, when_all
+from tests.conftest import wait_until
 from tests.replication.harness import RaftCluster
 from tests.replication.inproc import members_of, replicators, wait_leader
 
@@ -83,3 +84,22 @@ def test_closing_fails_proposals_in_flight_and_later_ones(tmp_path: Any) -> None
         assert all(isinstance(f.exception(), ReplicationError) for f in stranded)
         with pytest.raises(ReplicationError):
             leader.propose_async(b"after close").result(10)
+
+
+def test_a_leader_handing_over_refuses_proposals_and_leader_reads_naming_the_target(tmp_path: Any) -> None:
+    with replicators(str(tmp_path), 3) as reps:
+        groups = [rep.add_group(0, members_of(reps)) for rep, _ in reps]
+        leader = wait_leader(groups)
+        assert leader.propose(b"before") is not None
+        rep = next(r for r, _ in reps if r.group(0) is leader)
+        target = next(r for r, _ in reps if r is not rep)
+        term = leader.status().term
+        rep._driver.call(lambda: leader.start_transfer(target.address))
+        # Until the target is elected (or an election timeout passes) nothing new is taken here.
+        refused = leader.propose_async(b"during", 5.0).exception(5.0)
+        assert isinstance(refused, NotLeaderError) and refused.leader == target.node_id
+        assert not leader.serves_leader_reads()
+        new = target.group(0)
+        wait_until(new.is_leader, what="the target to lead")
+        assert new.status().term > term
+        assert new.propose(b"after") is not None

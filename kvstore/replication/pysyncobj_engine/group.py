@@ -39,6 +39,8 @@ class PySyncObjGroup:
         self.partition = partition
         self._raft = raft
         self._change_lock = threading.Lock()
+        # While a leadership transfer is pending: until when, and to whom (None: PySyncObj's pick).
+        self._handover: tuple[float, NodeId | None] = (0.0, None)
 
     def propose(self, command: bytes, timeout_s: float = 5.0) -> bytes | None:
         future = self.propose_async(command, timeout_s)
@@ -52,11 +54,45 @@ class PySyncObjGroup:
         limit = self._replicator.config.max_command_bytes
         if len(command) > limit:
             settle(future, error=ValueError(f"command: {len(command)} bytes > max_command_bytes {limit}"))
-        elif not self._raft._isLeader():
-            settle(future, error=NotLeaderError(self.partition, self.leader()))
+        elif not self.takes_proposals():
+            settle(future, error=self.not_leader())
         else:
             self._replicator._submit(self.partition, command, future, time.monotonic() + timeout_s)
         return future
+
+    def takes_proposals(self) -> bool:
+        """Leader, and not handing leadership over (an entry appended now would make the
+        target's log shorter than the old leader's, so the others would refuse to elect it)."""
+        return bool(self._raft._isLeader()) and not self._handing_over()
+
+    def not_leader(self) -> NotLeaderError:
+        """The refusal for a proposal here, naming the transfer's target while one is pending."""
+        target = self._handover[1]
+        if self._handing_over() and target is not None:
+            return NotLeaderError(self.partition, target)
+        return NotLeaderError(self.partition, self.leader())
+
+    def _handing_over(self) -> bool:
+        return self._handover[0] > time.monotonic()
+
+    def start_transfer(self, address: str | None, callback: Any = None) -> None:
+        """Ask PySyncObj to hand leadership to `address` (driver thread), as Raft's TimeoutNow.
+
+        Until the target is elected, or for at most the minimum election timeout, this leader
+        takes no new proposals and serves no leader reads (etcd does the same): the target
+        stays as caught up as the transfer required, so it wins at once instead of losing
+        elections to replicas with longer logs, and a read here cannot miss a write the new
+        leader already took.
+        """
+
+        def on_result(result: Any, error: int) -> None:
+            if error == FAIL_REASON.SUCCESS:
+                target = None if address is None else self._replicator._node_of(address)
+                self._handover = (time.monotonic() + self._replicator.config.election_timeout_s[0], target)
+            if callback is not None:
+                callback(result, error)
+
+        self._raft.transferLeadership(address, callback=on_result)
 
     def _outcome(self, future: Future[Result], result: Any, error: int) -> None:
         """pysyncobj's callback (driver thread): complete `future` from its outcome."""
@@ -74,7 +110,7 @@ class PySyncObjGroup:
 
     def serves_leader_reads(self) -> bool:
         raft = self._raft
-        if not raft._isLeader():
+        if not raft._isLeader() or self._handing_over():
             return False
         noop = raft._SyncObj__noopIDx  # the no-op a new leader commits first in its term
         if noop is None or raft.raftLastApplied < noop:
@@ -195,9 +231,7 @@ class PySyncObjGroup:
                     return leader
                 if self._raft._isLeader():
                     error = self._wait_callback(
-                        lambda cb: self._replicator._driver.call(
-                            lambda: self._raft.transferLeadership(address, callback=cb)
-                        ),
+                        lambda cb: self._replicator._driver.call(lambda: self.start_transfer(address, cb)),
                         deadline,
                     )
                     if error == FAIL_REASON.SUCCESS:

@@ -226,8 +226,8 @@ class PySyncObjReplicator:
             group = self._groups.get(partition)
             if group is None:
                 settle(future, error=NotLeaderError(partition, None))
-            elif not group._raft._isLeader():
-                settle(future, error=NotLeaderError(partition, group.leader()))
+            elif not group.takes_proposals():
+                settle(future, error=group.not_leader())
             elif not future.done():
                 self._deadlines.track(future, partition, deadline)
                 group._raft._kv_apply(command, callback=functools.partial(group._outcome, future))
@@ -274,8 +274,8 @@ class PySyncObjReplicator:
                 continue
             members = sorted([self.address, *raft._kv_transport.nodes])
             preferred = members[partition % len(members)]
-            if preferred != self.address and self._mux.is_up(preferred):
-                raft.transferLeadership(preferred, callback=None)
+            if preferred != self.address and self._mux.is_up(preferred) and not group._handing_over():
+                group.start_transfer(preferred)
                 moved += 1
 
     def _peers_changed(self) -> None:
