@@ -75,6 +75,9 @@ DOWN_S = 1.0
 """How long a node that failed to answer is skipped when choosing a replica."""
 MAX_LEADER_CHASES = 30
 """NOT_LEADER rounds per call (each resends at once or after a short backoff)."""
+BOUNCE_PAUSE_S, BOUNCE_PAUSE_MAX_S = 0.002, 0.064
+"""The pause before a third and later chase that has usable hints (doubling, capped): the
+hints bounce between a leader handing over and its target until the target is elected."""
 _CONSISTENCY = {"any": pb.ANY_REPLICA, "leader": pb.LEADER}
 
 
@@ -514,8 +517,12 @@ class AsyncClient(ReplicaReads):
                 # election; hints that keep bouncing (a leadership handover) are waited out too.
                 chases += 1
                 self.stats.leader_chases += 1
-                if chases > 2 or not self._hints_usable(view, retry):
+                pause = 0.0
+                if not self._hints_usable(view, retry):
                     pause = self._retry.delay_s(min(chases, 3))
+                elif chases > 2:  # a handover takes milliseconds: wait a little, not a backoff step
+                    pause = min(BOUNCE_PAUSE_MAX_S, BOUNCE_PAUSE_S * 2 ** (chases - 3))
+                if pause:
                     await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
             else:
                 attempt += 1
