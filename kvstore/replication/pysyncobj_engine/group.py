@@ -67,9 +67,8 @@ class PySyncObjGroup:
 
     def not_leader(self) -> NotLeaderError:
         """The refusal for a proposal here, naming the transfer's target while one is pending."""
-        target = self._handover[1]
-        if self._handing_over() and target is not None:
-            return NotLeaderError(self.partition, target)
+        if self._handing_over():  # no hint when PySyncObj picks the target: the client backs off
+            return NotLeaderError(self.partition, self._handover[1])
         return NotLeaderError(self.partition, self.leader())
 
     def _handing_over(self) -> bool:
