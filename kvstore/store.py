@@ -86,7 +86,7 @@ class StoreStats:
 
 
 class Store:
-    """Tables on one node: reads through the cache tier, writes to both."""
+    """Tables on one node: reads through the cache tier (filling it), writes to the engine (refreshing cached rows)."""
 
     def __init__(self, engine: Engine, cache_budget_bytes: int) -> None:
         self.engine = engine
