@@ -39,8 +39,8 @@ class PySyncObjGroup:
         self.partition = partition
         self._raft = raft
         self._change_lock = threading.Lock()
-        # While a leadership transfer is pending: until when, and to whom (None: PySyncObj's pick).
-        self._handover: tuple[float, NodeId | None] = (0.0, None)
+        # While a leadership transfer is pending: until when, in which term, to whom (None: PySyncObj's pick).
+        self._handover: tuple[float, int, NodeId | None] = (0.0, -1, None)
 
     def propose(self, command: bytes, timeout_s: float = 5.0) -> bytes | None:
         future = self.propose_async(command, timeout_s)
@@ -68,11 +68,13 @@ class PySyncObjGroup:
     def not_leader(self) -> NotLeaderError:
         """The refusal for a proposal here, naming the transfer's target while one is pending."""
         if self._handing_over():  # no hint when PySyncObj picks the target: the client backs off
-            return NotLeaderError(self.partition, self._handover[1])
+            return NotLeaderError(self.partition, self._handover[2])
         return NotLeaderError(self.partition, self.leader())
 
     def _handing_over(self) -> bool:
-        return self._handover[0] > time.monotonic()
+        """A transfer started in this term is pending (a later term, led here again, is not one)."""
+        until, term, _ = self._handover
+        return until > time.monotonic() and term == self._raft._SyncObj__raftCurrentTerm
 
     def start_transfer(self, address: str | None, callback: Any = None) -> None:
         """Ask PySyncObj to hand leadership to `address` (driver thread), as Raft's TimeoutNow.
@@ -87,7 +89,8 @@ class PySyncObjGroup:
         def on_result(result: Any, error: int) -> None:
             if error == FAIL_REASON.SUCCESS:
                 target = None if address is None else self._replicator._node_of(address)
-                self._handover = (time.monotonic() + self._replicator.config.election_timeout_s[0], target)
+                until = time.monotonic() + self._replicator.config.election_timeout_s[0]
+                self._handover = (until, self._raft._SyncObj__raftCurrentTerm, target)
             if callback is not None:
                 callback(result, error)
 
